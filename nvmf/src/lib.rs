@@ -1,0 +1,1 @@
+//! Crate `nvmf`: NVMe/TCP wire formats, target and initiator (next issue).
