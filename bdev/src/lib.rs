@@ -1,1 +1,31 @@
-//! Crate `bdev`.
+//! Crate `bdev`: block devices.
+//!
+//! Owns the [`Bdev`] trait and per-core I/O channels, the registry and the
+//! bdev lifecycle (reserve, register, examine, open, claim, unregister),
+//! per-bdev I/O statistics, the JSON-RPC method table shared by every
+//! crate, and the bdev modules under `module/`.
+
+pub mod error;
+pub mod rpc;
+
+pub use error::{BdevError, Result};
+pub mod bdev;
+pub mod bdev_rpc;
+pub mod channel;
+pub mod io;
+pub mod registry;
+pub mod stats;
+
+pub use bdev::{Bdev, BdevHandle, BdevProps, LocalFuture};
+pub use channel::{BdevChannel, IoChannel};
+pub use io::{BdevIo, IoBox, IoBuf, IoCompletion, IoStatus, IoType};
+pub use registry::{Descriptor, NameReservation};
+pub mod module;
+#[cfg(test)]
+mod testutil;
+
+/// Registers every bdev-layer and module RPC method.
+pub fn register_rpcs(table: &mut rpc::RpcTable) {
+    bdev_rpc::register(table);
+    module::register_rpcs(table);
+}

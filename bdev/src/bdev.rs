@@ -1,0 +1,172 @@
+//! The [`Bdev`] trait a module implements, and [`BdevHandle`], the
+//! framework's shared view of a registered bdev.
+//!
+//! The trait is SPDK's `spdk_bdev_fn_table`: a handful of functions. Names,
+//! aliases, claims, descriptors and statistics are the framework's job.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use serde_json::Value;
+use uuid::Uuid;
+
+use crate::channel::{BdevChannel, IoChannel};
+use crate::io::IoType;
+use crate::stats::IoStat;
+
+pub type LocalFuture<T> = Pin<Box<dyn Future<Output = T>>>;
+
+/// What a module implements for each bdev it exposes.
+pub trait Bdev: AsAnyRef + Send + Sync + 'static {
+    /// The owning module's name (`malloc`, `delay`, ...).
+    fn module(&self) -> &'static str;
+
+    /// SPDK's `product_name` (`"Malloc disk"`).
+    fn product_name(&self) -> &'static str;
+
+    fn io_type_supported(&self, io_type: IoType) -> bool;
+
+    /// Creates this bdev's channel for the calling core. Called at most
+    /// once per core at a time; the framework shares it between users.
+    fn create_channel(&self) -> Rc<dyn BdevChannel>;
+
+    /// `driver_specific` in `bdev_get_bdevs`.
+    fn dump_info_json(&self) -> Value {
+        Value::Object(Default::default())
+    }
+
+    /// The RPC call that recreates this bdev (`{"method":..,"params":..}`),
+    /// or None when the module writes its config elsewhere.
+    fn write_config_json(&self) -> Option<Value>;
+
+    /// Releases the bdev's resources. Runs on the main reactor once every
+    /// descriptor has closed.
+    fn destruct(&self) -> LocalFuture<()> {
+        Box::pin(async {})
+    }
+}
+
+/// The identity and geometry a module gives at registration.
+#[derive(Debug, Clone)]
+pub struct BdevProps {
+    pub name: String,
+    pub uuid: Uuid,
+    pub block_size: u32,
+    pub num_blocks: u64,
+    /// Extra names the bdev is also known by (the UUID is added too).
+    pub aliases: Vec<String>,
+}
+
+pub(crate) struct BdevShared {
+    pub(crate) id: u64,
+    pub(crate) props: BdevProps,
+    pub(crate) ops: Box<dyn Bdev>,
+    /// Set once unregister starts: new submits fail.
+    pub(crate) removed: AtomicBool,
+    /// Statistics of channels that have been destroyed.
+    pub(crate) retired_stats: Mutex<IoStat>,
+}
+
+/// A registered bdev. Cheap to clone and `Send`: channels on every core
+/// hold one.
+#[derive(Clone)]
+pub struct BdevHandle(pub(crate) Arc<BdevShared>);
+
+impl BdevHandle {
+    pub(crate) fn new(id: u64, props: BdevProps, ops: Box<dyn Bdev>) -> BdevHandle {
+        BdevHandle(Arc::new(BdevShared {
+            id,
+            props,
+            ops,
+            removed: AtomicBool::new(false),
+            retired_stats: Mutex::new(IoStat::default()),
+        }))
+    }
+
+    pub fn id(&self) -> u64 {
+        self.0.id
+    }
+
+    pub fn name(&self) -> &str {
+        &self.0.props.name
+    }
+
+    pub fn uuid(&self) -> Uuid {
+        self.0.props.uuid
+    }
+
+    pub fn block_size(&self) -> u32 {
+        self.0.props.block_size
+    }
+
+    pub fn num_blocks(&self) -> u64 {
+        self.0.props.num_blocks
+    }
+
+    pub fn size_bytes(&self) -> u64 {
+        self.0.props.num_blocks * self.0.props.block_size as u64
+    }
+
+    pub fn props(&self) -> &BdevProps {
+        &self.0.props
+    }
+
+    pub fn ops(&self) -> &dyn Bdev {
+        &*self.0.ops
+    }
+
+    /// The module-specific object behind this bdev, if it is a `T`.
+    pub fn downcast<T: Bdev>(&self) -> Option<&T> {
+        let any: &dyn std::any::Any = self.ops_any();
+        any.downcast_ref::<T>()
+    }
+
+    fn ops_any(&self) -> &dyn std::any::Any {
+        // Through the vtable, so this is the module's concrete type.
+        (*self.0.ops).as_any_ref()
+    }
+
+    pub fn module(&self) -> &'static str {
+        self.0.ops.module()
+    }
+
+    pub fn io_type_supported(&self, t: IoType) -> bool {
+        self.0.ops.io_type_supported(t)
+    }
+
+    pub fn is_removed(&self) -> bool {
+        self.0.removed.load(Ordering::Acquire)
+    }
+
+    /// This core's channel to the bdev, created on first use.
+    pub fn get_channel(&self) -> IoChannel {
+        crate::channel::get_channel(self)
+    }
+}
+
+impl std::fmt::Debug for BdevHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Bdev({})", self.name())
+    }
+}
+
+impl PartialEq for BdevHandle {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+/// Lets the framework downcast a `dyn Bdev` without every module writing
+/// an `as_any` method.
+pub trait AsAnyRef {
+    fn as_any_ref(&self) -> &dyn std::any::Any;
+}
+
+impl<T: std::any::Any> AsAnyRef for T {
+    fn as_any_ref(&self) -> &dyn std::any::Any {
+        self
+    }
+}

@@ -1,0 +1,346 @@
+//! Per-core I/O channels and the completion path.
+//!
+//! A channel is one bdev's presence on one core (SPDK's io channel): the
+//! module's per-core state plus that core's statistics. A core has at most
+//! one channel per bdev, shared by every user on that core; it is created
+//! on first `get_channel` and destroyed when the last user drops it, its
+//! statistics then folded into the bdev's retired totals.
+//!
+//! Completions that happen while the core is inside a `submit` are queued
+//! and delivered by this core's completion poller on the next loop turn,
+//! never recursively.
+
+use std::cell::{Cell, RefCell};
+use std::collections::{HashMap, VecDeque};
+use std::rc::{Rc, Weak};
+
+use crate::bdev::BdevHandle;
+use crate::io::{Frame, IoBox, IoCompletion, IoStatus, IoType};
+use crate::stats::IoStat;
+
+/// A module's per-core channel: receives I/O for its bdev on this core.
+pub trait BdevChannel {
+    /// Starts `io`. The module completes it later (or inline) with
+    /// [`IoBox::complete`]. The request has been validated against the
+    /// bdev's geometry and supported I/O types.
+    fn submit(self: Rc<Self>, io: IoBox);
+}
+
+pub(crate) struct ChannelInner {
+    bdev: BdevHandle,
+    module: Rc<dyn BdevChannel>,
+    stats: RefCell<IoStat>,
+    /// I/O submitted into this channel and not yet completed.
+    in_flight: Cell<u64>,
+}
+
+impl Drop for ChannelInner {
+    fn drop(&mut self) {
+        if let Ok(mut r) = self.bdev.0.retired_stats.lock() {
+            r.merge(&self.stats.borrow());
+        }
+        let id = self.bdev.id();
+        let _ = CORE.try_with(|c| {
+            let mut map = c.channels.borrow_mut();
+            if map.get(&id).is_some_and(|w| w.strong_count() == 0) {
+                map.remove(&id);
+            }
+        });
+    }
+}
+
+/// A handle to a bdev's channel on the current core. Not `Send`.
+#[derive(Clone)]
+pub struct IoChannel(Rc<ChannelInner>);
+
+impl IoChannel {
+    pub fn bdev(&self) -> &BdevHandle {
+        &self.0.bdev
+    }
+
+    /// I/O in this channel not yet completed.
+    pub fn in_flight(&self) -> u64 {
+        self.0.in_flight.get()
+    }
+
+    pub fn stats(&self) -> IoStat {
+        *self.0.stats.borrow()
+    }
+
+    /// Submits `io`; `cb` receives it back when it completes. Invalid
+    /// requests (out of range, buffer too small, unsupported type, removed
+    /// bdev) complete with `Failed` without reaching the module.
+    #[inline]
+    pub fn submit(&self, mut io: IoBox, cb: Rc<dyn IoCompletion>) {
+        let frame = Frame {
+            channel: self.clone(),
+            cb,
+            submit_tick: reactor::ticks::now(),
+            module_ctx: 0,
+        };
+        if !io.push_frame(frame) {
+            // Stack overflow: cannot even record a frame; fail to the caller
+            // through the frames it already has.
+            log::error!("I/O stack deeper than {}", crate::io::MAX_IO_STACK);
+            io.complete(IoStatus::Failed);
+            return;
+        }
+        self.0.in_flight.set(self.0.in_flight.get() + 1);
+        let ok = self.validate(&io);
+        CORE.with(|c| c.submit_depth.set(c.submit_depth.get() + 1));
+        if ok {
+            self.0.module.clone().submit(io);
+        } else {
+            io.complete(IoStatus::Failed);
+        }
+        CORE.with(|c| c.submit_depth.set(c.submit_depth.get() - 1));
+    }
+
+    #[inline]
+    fn validate(&self, io: &IoBox) -> bool {
+        let b = &self.0.bdev;
+        if b.is_removed() || !b.io_type_supported(io.io_type) {
+            return false;
+        }
+        if io.io_type == IoType::Reset || io.io_type == IoType::Flush {
+            return io.offset_blocks.saturating_add(io.num_blocks) <= b.num_blocks();
+        }
+        let Some(end) = io.offset_blocks.checked_add(io.num_blocks) else {
+            return false;
+        };
+        if end > b.num_blocks() || io.num_blocks == 0 {
+            return false;
+        }
+        !io.io_type.has_data() || io.buf.len() as u64 >= io.num_blocks * b.block_size() as u64
+    }
+}
+
+/// Pops `io`'s top frame: records the layer's statistics and hands the I/O
+/// to that layer's callback. Deferred while the core is inside a submit.
+pub(crate) fn complete_io(io: IoBox) {
+    let defer = CORE.with(|c| {
+        if c.submit_depth.get() > 0 {
+            let was_empty = {
+                let mut q = c.deferred.borrow_mut();
+                let empty = q.is_empty();
+                q.push_back(io);
+                empty
+            };
+            if was_empty {
+                c.wake_completion_poller();
+            }
+            None
+        } else {
+            Some(io)
+        }
+    });
+    if let Some(io) = defer {
+        deliver(io);
+    }
+}
+
+#[inline]
+fn deliver(mut io: IoBox) {
+    let Some(frame) = io.pop_frame() else {
+        log::error!("completed an I/O with no submitter; dropping it");
+        return;
+    };
+    let ch = &frame.channel.0;
+    ch.in_flight.set(ch.in_flight.get() - 1);
+    let latency = reactor::ticks::now().saturating_sub(frame.submit_tick);
+    let bytes = io.num_blocks * ch.bdev.block_size() as u64;
+    ch.stats
+        .borrow_mut()
+        .record(io.io_type, bytes, latency, io.status());
+    let cb = frame.cb;
+    drop(frame.channel);
+    cb.io_done(io);
+}
+
+/// Per-core state of the bdev layer.
+struct CoreState {
+    channels: RefCell<HashMap<u64, Weak<ChannelInner>>>,
+    deferred: RefCell<VecDeque<IoBox>>,
+    submit_depth: Cell<u32>,
+    poller: RefCell<Option<reactor::PollerHandle>>,
+}
+
+impl CoreState {
+    fn wake_completion_poller(&self) {
+        if let Some(p) = self.poller.borrow().as_ref() {
+            p.wake();
+        }
+    }
+}
+
+thread_local! {
+    static CORE: CoreState = CoreState {
+        channels: RefCell::new(HashMap::new()),
+        deferred: RefCell::new(VecDeque::new()),
+        submit_depth: Cell::new(0),
+        poller: RefCell::new(None),
+    };
+}
+
+/// Delivers the completions queued before this turn; those queued while it
+/// runs wait for the next turn, so a resubmitting callback cannot starve
+/// the rest of the loop.
+fn run_deferred() -> reactor::PollStatus {
+    let n = CORE.with(|c| c.deferred.borrow().len());
+    for _ in 0..n {
+        let Some(io) = CORE.with(|c| c.deferred.borrow_mut().pop_front()) else {
+            break;
+        };
+        deliver(io);
+    }
+    if CORE.with(|c| !c.deferred.borrow().is_empty()) {
+        CORE.with(|c| c.wake_completion_poller());
+    }
+    reactor::PollStatus::from_work(n > 0)
+}
+
+fn ensure_completion_poller() {
+    CORE.with(|c| {
+        let mut p = c.poller.borrow_mut();
+        if p.is_none() {
+            *p = Some(reactor::register_on_demand_poller(
+                "bdev_completions",
+                run_deferred,
+            ));
+        }
+    });
+}
+
+pub(crate) fn get_channel(bdev: &BdevHandle) -> IoChannel {
+    let id = bdev.id();
+    if let Some(ch) = CORE.with(|c| c.channels.borrow().get(&id).and_then(|w| w.upgrade())) {
+        return IoChannel(ch);
+    }
+    ensure_completion_poller();
+    let module = bdev.ops().create_channel();
+    let inner = Rc::new(ChannelInner {
+        bdev: bdev.clone(),
+        module,
+        stats: RefCell::new(IoStat::default()),
+        in_flight: Cell::new(0),
+    });
+    CORE.with(|c| c.channels.borrow_mut().insert(id, Rc::downgrade(&inner)));
+    IoChannel(inner)
+}
+
+/// This core's live channel statistics, by bdev id.
+pub(crate) fn core_stats() -> Vec<(u64, IoStat)> {
+    CORE.with(|c| {
+        c.channels
+            .borrow()
+            .iter()
+            .filter_map(|(id, w)| w.upgrade().map(|ch| (*id, *ch.stats.borrow())))
+            .collect()
+    })
+}
+
+/// Applies `mode` to this core's live channel statistics of `ids`.
+pub(crate) fn reset_core_stats(ids: &[u64], mode: crate::stats::ResetMode) {
+    CORE.with(|c| {
+        for (id, w) in c.channels.borrow().iter() {
+            if ids.contains(id) {
+                if let Some(ch) = w.upgrade() {
+                    ch.stats.borrow_mut().reset(mode);
+                }
+            }
+        }
+    });
+}
+
+/// Completion for control-path I/O awaited by a future (RPC, tests, examine).
+/// Allocates; not for the data path.
+struct OneShot(RefCell<Option<reactor::CompletionSender<IoBoxSend>>>);
+
+/// `IoBox` is per-core; this wrapper only crosses the event on the same core.
+struct IoBoxSend(IoBox);
+// SAFETY: the event is completed and awaited on the same core (the one that
+// submitted); the IoBox never actually moves to another thread.
+unsafe impl Send for IoBoxSend {}
+
+impl IoCompletion for OneShot {
+    fn io_done(&self, io: IoBox) {
+        if let Some(tx) = self.0.borrow_mut().take() {
+            tx.complete(IoBoxSend(io));
+        }
+    }
+}
+
+impl IoChannel {
+    /// Submits `io` and waits for it. For control-path use.
+    pub async fn submit_wait(&self, io: IoBox) -> IoBox {
+        let (tx, rx) = reactor::completion();
+        self.submit(io, Rc::new(OneShot(RefCell::new(Some(tx)))));
+        match rx.await {
+            Ok(IoBoxSend(io)) => io,
+            // The sender lives in the I/O's frame; it is dropped unfired only
+            // if the reactor is torn down mid-I/O.
+            Err(_) => {
+                let mut io = IoBox::new();
+                io.set_status_failed();
+                io
+            }
+        }
+    }
+
+    /// Reads `num_blocks` at `offset_blocks`.
+    pub async fn read(&self, offset_blocks: u64, num_blocks: u64) -> crate::Result<Vec<u8>> {
+        let len = num_blocks as usize * self.bdev().block_size() as usize;
+        let io = IoBox::with(
+            IoType::Read,
+            offset_blocks,
+            num_blocks,
+            crate::io::IoBuf::new(len),
+        );
+        let io = self.submit_wait(io).await;
+        self.status_to_result(io.status())?;
+        Ok(io.buf.as_slice()[..len].to_vec())
+    }
+
+    /// Writes `data` (a whole number of blocks) at `offset_blocks`.
+    pub async fn write(&self, offset_blocks: u64, data: &[u8]) -> crate::Result<()> {
+        let bs = self.bdev().block_size() as usize;
+        if data.is_empty() || !data.len().is_multiple_of(bs) {
+            return Err(crate::BdevError::Invalid(format!(
+                "write length {} is not a multiple of the block size {bs}",
+                data.len()
+            )));
+        }
+        let io = IoBox::with(
+            IoType::Write,
+            offset_blocks,
+            (data.len() / bs) as u64,
+            crate::io::IoBuf::from_slice(data),
+        );
+        self.status_to_result(self.submit_wait(io).await.status())
+    }
+
+    /// Submits a data-less I/O (flush, unmap, write_zeroes, reset).
+    pub async fn command(
+        &self,
+        io_type: IoType,
+        offset_blocks: u64,
+        num_blocks: u64,
+    ) -> crate::Result<()> {
+        let io = IoBox::with(
+            io_type,
+            offset_blocks,
+            num_blocks,
+            crate::io::IoBuf::empty(),
+        );
+        self.status_to_result(self.submit_wait(io).await.status())
+    }
+
+    fn status_to_result(&self, s: IoStatus) -> crate::Result<()> {
+        match s {
+            IoStatus::Success => Ok(()),
+            IoStatus::NoMemory => Err(crate::BdevError::NoMemory),
+            IoStatus::Aborted => Err(crate::BdevError::Cancelled),
+            _ => Err(crate::BdevError::Io),
+        }
+    }
+}

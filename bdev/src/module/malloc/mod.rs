@@ -1,0 +1,227 @@
+//! `malloc`: a RAM-backed bdev (SPDK's bdev_malloc).
+//!
+//! The memory is an anonymous private mapping, so a large bdev costs only
+//! the pages written. Reads and writes are plain copies on the submitting
+//! core; I/O from different cores to the same blocks races like it would on
+//! a disk, with unspecified contents but no undefined behaviour (only raw
+//! copies touch the mapping, never references).
+
+pub mod rpc;
+#[cfg(test)]
+mod tests;
+
+use std::rc::Rc;
+
+use serde_json::{json, Value};
+use uuid::Uuid;
+
+use crate::bdev::{Bdev, BdevProps};
+use crate::channel::BdevChannel;
+use crate::error::{BdevError, Result};
+use crate::io::{IoBox, IoStatus, IoType};
+
+pub const MODULE: &str = "malloc";
+
+/// The bdev's memory: an anonymous mapping of `len` bytes.
+struct MallocMemory {
+    ptr: *mut u8,
+    len: usize,
+}
+
+// SAFETY: the mapping is plain memory that lives as long as this value; all
+// access is through raw copies bounded by `len` (see module docs).
+unsafe impl Send for MallocMemory {}
+unsafe impl Sync for MallocMemory {}
+
+impl MallocMemory {
+    fn new(len: usize) -> Result<MallocMemory> {
+        // SAFETY: anonymous private mapping, no fd; checked for MAP_FAILED.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(BdevError::NoMemory);
+        }
+        Ok(MallocMemory {
+            ptr: ptr as *mut u8,
+            len,
+        })
+    }
+}
+
+impl Drop for MallocMemory {
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly the mapping made in `new`.
+        unsafe {
+            libc::munmap(self.ptr as *mut libc::c_void, self.len);
+        }
+    }
+}
+
+/// Creation parameters, as `bdev_malloc_create` takes them.
+#[derive(Debug, Clone)]
+pub struct MallocOptions {
+    pub name: String,
+    pub uuid: Uuid,
+    pub num_blocks: u64,
+    pub block_size: u32,
+    pub physical_block_size: u32,
+    pub optimal_io_boundary: u32,
+}
+
+pub struct MallocBdev {
+    opts: MallocOptions,
+    mem: MallocMemory,
+}
+
+impl MallocBdev {
+    pub fn new(opts: MallocOptions) -> Result<MallocBdev> {
+        if opts.block_size == 0 || !opts.block_size.is_multiple_of(512) {
+            return Err(BdevError::Invalid(format!(
+                "block_size {} is not a multiple of 512",
+                opts.block_size
+            )));
+        }
+        if !opts.physical_block_size.is_multiple_of(512) {
+            return Err(BdevError::Invalid(format!(
+                "physical_block_size {} is not a multiple of 512",
+                opts.physical_block_size
+            )));
+        }
+        if opts.num_blocks == 0 {
+            return Err(BdevError::Invalid("num_blocks must be more than 0".into()));
+        }
+        let len = opts
+            .num_blocks
+            .checked_mul(opts.block_size as u64)
+            .and_then(|l| usize::try_from(l).ok())
+            .ok_or_else(|| BdevError::Invalid("bdev size overflows".into()))?;
+        Ok(MallocBdev {
+            mem: MallocMemory::new(len)?,
+            opts,
+        })
+    }
+
+    pub fn props(&self) -> BdevProps {
+        BdevProps {
+            name: self.opts.name.clone(),
+            uuid: self.opts.uuid,
+            block_size: self.opts.block_size,
+            num_blocks: self.opts.num_blocks,
+            aliases: Vec::new(),
+        }
+    }
+}
+
+impl Bdev for MallocBdev {
+    fn module(&self) -> &'static str {
+        MODULE
+    }
+
+    fn product_name(&self) -> &'static str {
+        "Malloc disk"
+    }
+
+    fn io_type_supported(&self, io_type: IoType) -> bool {
+        matches!(
+            io_type,
+            IoType::Read
+                | IoType::Write
+                | IoType::Flush
+                | IoType::Reset
+                | IoType::Unmap
+                | IoType::WriteZeroes
+                | IoType::Compare
+        )
+    }
+
+    fn create_channel(&self) -> Rc<dyn BdevChannel> {
+        Rc::new(MallocChannel {
+            base: self.mem.ptr,
+            len: self.mem.len,
+            block_size: self.opts.block_size as usize,
+        })
+    }
+
+    fn write_config_json(&self) -> Option<Value> {
+        let o = &self.opts;
+        Some(json!({
+            "method": "bdev_malloc_create",
+            "params": {
+                "name": o.name,
+                "num_blocks": o.num_blocks,
+                "block_size": o.block_size,
+                "physical_block_size": o.physical_block_size.max(o.block_size),
+                "uuid": o.uuid.hyphenated().to_string(),
+                "optimal_io_boundary": o.optimal_io_boundary,
+                "md_size": 0,
+                "dif_type": 0,
+                "dif_is_head_of_md": false,
+                "dif_pi_format": 0,
+                "numa_id": -1,
+            }
+        }))
+    }
+}
+
+/// Per-core view of the memory. Holds a raw pointer: the channel framework
+/// keeps the bdev (and so the mapping) alive while any channel exists.
+struct MallocChannel {
+    base: *mut u8,
+    len: usize,
+    block_size: usize,
+}
+
+impl BdevChannel for MallocChannel {
+    #[inline]
+    fn submit(self: Rc<Self>, mut io: IoBox) {
+        // The framework validated the range against the bdev's geometry.
+        let off = io.offset_blocks as usize * self.block_size;
+        let n = io.num_blocks as usize * self.block_size;
+        debug_assert!(off + n <= self.len);
+        let status = match io.io_type {
+            IoType::Read => {
+                // SAFETY: off+n <= len (validated); io.buf holds >= n bytes.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(self.base.add(off), io.buf.as_mut_ptr(), n)
+                };
+                IoStatus::Success
+            }
+            IoType::Write => {
+                // SAFETY: as above.
+                unsafe { std::ptr::copy_nonoverlapping(io.buf.as_ptr(), self.base.add(off), n) };
+                IoStatus::Success
+            }
+            IoType::Unmap | IoType::WriteZeroes => {
+                // SAFETY: off+n <= len.
+                unsafe { std::ptr::write_bytes(self.base.add(off), 0, n) };
+                IoStatus::Success
+            }
+            IoType::Compare => {
+                let mut same = true;
+                for i in 0..n {
+                    // SAFETY: i < n, bounds as above.
+                    let a = unsafe { std::ptr::read_volatile(self.base.add(off + i)) };
+                    if a != io.buf.as_slice()[i] {
+                        same = false;
+                        break;
+                    }
+                }
+                if same {
+                    IoStatus::Success
+                } else {
+                    IoStatus::Miscompare
+                }
+            }
+            IoType::Flush | IoType::Reset => IoStatus::Success,
+        };
+        io.complete(status);
+    }
+}

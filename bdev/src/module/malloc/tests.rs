@@ -1,0 +1,76 @@
+use crate::error::BdevError;
+use crate::io::IoType;
+use crate::registry;
+use crate::testutil::{malloc, other_core, run};
+
+#[test]
+fn data_written_on_one_core_reads_back_on_another() {
+    run(|| async {
+        let b = malloc("M0", 256, 512).await;
+        let data: Vec<u8> = (0..2048u32).map(|i| (i * 7 % 251) as u8).collect();
+        let desc = registry::open("M0", true, None).unwrap();
+        desc.channel().write(10, &data).await.unwrap();
+        let read = reactor::call_async(other_core(), move || async move {
+            b.get_channel().read(10, 4).await
+        })
+        .await
+        .unwrap()
+        .unwrap();
+        assert_eq!(read, data);
+        // Unmap and write_zeroes zero the range.
+        desc.channel().command(IoType::Unmap, 10, 2).await.unwrap();
+        let read = desc.channel().read(10, 4).await.unwrap();
+        assert!(read[..1024].iter().all(|&x| x == 0));
+        assert_eq!(&read[1024..], &data[1024..]);
+        // Out of range fails without touching anything.
+        assert_eq!(desc.channel().read(255, 2).await, Err(BdevError::Io));
+        drop(desc);
+        registry::unregister("M0", Some("malloc")).await.unwrap();
+        assert!(registry::lookup("M0").is_none());
+    });
+}
+
+#[test]
+fn duplicate_name_and_bad_geometry_leave_nothing() {
+    run(|| async {
+        malloc("M1", 16, 4096).await;
+        let dup = super::rpc::create(super::rpc::CreateParams {
+            name: Some("M1".into()),
+            uuid: None,
+            num_blocks: 16,
+            block_size: 512,
+            physical_block_size: 0,
+            optimal_io_boundary: 0,
+            md_size: 0,
+            md_interleave: false,
+            dif_type: 0,
+            dif_is_head_of_md: false,
+            dif_pi_format: 0,
+            numa_id: None,
+        })
+        .await;
+        assert_eq!(dup.unwrap_err().errno(), libc::EEXIST);
+        let bad = super::rpc::create(super::rpc::CreateParams {
+            name: Some("M2".into()),
+            uuid: None,
+            num_blocks: 16,
+            block_size: 500,
+            physical_block_size: 0,
+            optimal_io_boundary: 0,
+            md_size: 0,
+            md_interleave: false,
+            dif_type: 0,
+            dif_is_head_of_md: false,
+            dif_pi_format: 0,
+            numa_id: None,
+        })
+        .await;
+        assert_eq!(bad.unwrap_err().errno(), libc::EINVAL);
+        // The failed create freed its name.
+        malloc("M2", 16, 512).await;
+        assert_eq!(registry::list().len(), 2);
+        // The UUID is an alias.
+        let m1 = registry::lookup("M1").unwrap();
+        assert_eq!(registry::lookup(&m1.uuid().to_string()), Some(m1));
+    });
+}
