@@ -1,0 +1,234 @@
+//! Harness for end-to-end tests: starts the real `ferroplane` binary on a
+//! private socket and talks JSON-RPC to it the way rpc.py does.
+
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_ferroplane");
+
+static NEXT: AtomicU64 = AtomicU64::new(0);
+
+pub fn scratch_dir() -> PathBuf {
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    let d = std::env::temp_dir().join(format!("fp-test-{}-{n}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// A running target. Killed (SIGKILL) on drop if still running.
+pub struct Target {
+    pub child: Child,
+    pub socket: PathBuf,
+    pub dir: PathBuf,
+}
+
+impl Target {
+    /// Two reactors, adaptive mode.
+    pub fn start() -> Target {
+        Target::start_with(&["--cpus", "0,1"])
+    }
+
+    pub fn start_with(args: &[&str]) -> Target {
+        let dir = scratch_dir();
+        let socket = dir.join("rpc.sock");
+        let child = Command::new(BIN)
+            .args(args)
+            .arg("-r")
+            .arg(&socket)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn ferroplane");
+        let mut t = Target { child, socket, dir };
+        t.wait_ready();
+        t
+    }
+
+    fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                panic!("ferroplane exited during start-up: {status}");
+            }
+            if UnixStream::connect(&self.socket).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("ferroplane did not open {}", self.socket.display());
+    }
+
+    pub fn client(&self) -> Client {
+        Client::connect(&self.socket)
+    }
+
+    /// One call on a fresh connection; the result or the error object.
+    pub fn call(&self, method: &str, params: Value) -> Result<Value, Value> {
+        self.client().call(method, params)
+    }
+
+    pub fn ok(&self, method: &str, params: Value) -> Value {
+        self.call(method, params)
+            .unwrap_or_else(|e| panic!("{method} failed: {e}"))
+    }
+
+    pub fn err_code(&self, method: &str, params: Value) -> i64 {
+        match self.call(method, params) {
+            Ok(v) => panic!("{method} unexpectedly succeeded: {v}"),
+            Err(e) => e["code"].as_i64().unwrap(),
+        }
+    }
+
+    pub fn bdev_names(&self) -> Vec<String> {
+        let mut n: Vec<String> = self
+            .ok("bdev_get_bdevs", Value::Null)
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|b| b["name"].as_str().unwrap().to_string())
+            .collect();
+        n.sort();
+        n
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Waits for the process to exit; returns its exit code.
+    pub fn wait_exit(&mut self, within: Duration) -> Option<i32> {
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                return s.code();
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        None
+    }
+
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: kill on our child's pid.
+        unsafe { libc::kill(self.child.id() as i32, sig) };
+    }
+}
+
+impl Drop for Target {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A JSON-RPC connection, framed as SPDK frames it.
+pub struct Client {
+    stream: UnixStream,
+    buf: Vec<u8>,
+    next_id: u64,
+}
+
+impl Client {
+    pub fn connect(path: &Path) -> Client {
+        let stream = UnixStream::connect(path).expect("connect");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(60)))
+            .unwrap();
+        Client {
+            stream,
+            buf: Vec::new(),
+            next_id: 1,
+        }
+    }
+
+    pub fn send_raw(&mut self, bytes: &[u8]) {
+        self.stream.write_all(bytes).unwrap();
+    }
+
+    /// Reads one JSON value; None on EOF.
+    pub fn read_value(&mut self) -> Option<Value> {
+        loop {
+            let mut it = serde_json::Deserializer::from_slice(&self.buf).into_iter::<Value>();
+            match it.next() {
+                Some(Ok(v)) => {
+                    let used = it.byte_offset();
+                    self.buf.drain(..used);
+                    return Some(v);
+                }
+                Some(Err(e)) if !e.is_eof() => panic!("bad JSON from server: {e}"),
+                _ => {}
+            }
+            let mut chunk = [0u8; 65536];
+            let n = self.stream.read(&mut chunk).expect("read");
+            if n == 0 {
+                return None;
+            }
+            self.buf.extend_from_slice(&chunk[..n]);
+        }
+    }
+
+    pub fn call(&mut self, method: &str, params: Value) -> Result<Value, Value> {
+        let id = self.next_id;
+        self.next_id += 1;
+        let mut req = json!({"jsonrpc": "2.0", "method": method, "id": id});
+        if !params.is_null() {
+            req["params"] = params;
+        }
+        // rpc.py sends pretty-printed requests.
+        self.send_raw(serde_json::to_string_pretty(&req).unwrap().as_bytes());
+        let resp = self
+            .read_value()
+            .expect("connection closed before the response");
+        assert_eq!(resp["id"], json!(id), "response id");
+        if let Some(e) = resp.get("error") {
+            Err(e.clone())
+        } else {
+            Ok(resp["result"].clone())
+        }
+    }
+}
+
+pub fn hex(data: &[u8]) -> String {
+    data.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+pub fn unhex(s: &str) -> Vec<u8> {
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
+        .collect()
+}
+
+/// Writes `data` through bdev `name` at `offset_blocks` and reads it back.
+pub fn write_read(
+    t: &Target,
+    name: &str,
+    offset_blocks: u64,
+    data: &[u8],
+    block_size: usize,
+) -> Vec<u8> {
+    t.ok(
+        "bdev_write",
+        json!({"name": name, "offset_blocks": offset_blocks, "data": hex(data)}),
+    );
+    let r = t.ok(
+        "bdev_read",
+        json!({"name": name, "offset_blocks": offset_blocks, "num_blocks": data.len() / block_size}),
+    );
+    unhex(r["data"].as_str().unwrap())
+}
+
+pub fn pattern(len: usize, seed: u8) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+        .collect()
+}
