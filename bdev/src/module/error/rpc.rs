@@ -63,7 +63,7 @@ pub async fn create(o: ErrorOptions) -> Result<String> {
     let base = desc.bdev().clone();
     let props = BdevProps {
         name: name.clone(),
-        uuid: o.uuid.unwrap_or_else(Uuid::new_v4),
+        uuid: o.uuid.unwrap_or_else(|| derived_uuid(base.uuid())),
         block_size: base.block_size(),
         num_blocks: base.num_blocks(),
         aliases: Vec::new(),
@@ -78,6 +78,17 @@ pub async fn create(o: ErrorOptions) -> Result<String> {
     };
     let handle = registry::register(reservation, props, Box::new(bdev)).await?;
     Ok(handle.name().to_string())
+}
+
+/// SPDK saves an error bdev's UUID only when the user gave one, so an
+/// unnamed one must come back the same from its base: derive it from the
+/// base's UUID (a fixed byte mix, then marked as a v4-format UUID).
+fn derived_uuid(base: Uuid) -> Uuid {
+    let mut b = *base.as_bytes();
+    for (i, x) in b.iter_mut().enumerate() {
+        *x ^= 0xee ^ (i as u8).wrapping_mul(0x3b);
+    }
+    uuid::Builder::from_random_bytes(b).into_uuid()
 }
 
 fn parse_injection(p: &InjectParams) -> std::result::Result<Injection, RpcError> {

@@ -1,0 +1,164 @@
+//! SPDK's own `rpc.py` (PyPI package `spdk`, command `spdk-rpc`) drives the
+//! real binary unchanged: creates, lists, injects, saves and reloads the
+//! configuration, and kills the instance.
+//!
+//! Skipped with a notice when `spdk-rpc` is not installed, unless
+//! `FERROPLANE_REQUIRE_SPDK_RPC=1` (CI sets it) makes that a failure.
+
+mod common;
+
+use std::process::Command;
+use std::time::Duration;
+
+use common::Target;
+use serde_json::Value;
+
+fn spdk_rpc_available() -> bool {
+    let found = Command::new("spdk-rpc")
+        .arg("--help")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !found {
+        assert!(
+            std::env::var("FERROPLANE_REQUIRE_SPDK_RPC").as_deref() != Ok("1"),
+            "spdk-rpc not found: pip install spdk==26.9"
+        );
+        eprintln!("SKIPPED: spdk-rpc not installed (pip install spdk==26.9)");
+    }
+    found
+}
+
+fn rpc(t: &Target, args: &[&str]) -> Result<String, String> {
+    let out = Command::new("spdk-rpc")
+        .arg("-s")
+        .arg(&t.socket)
+        .args(args)
+        .output()
+        .expect("run spdk-rpc");
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    if out.status.success() {
+        Ok(stdout)
+    } else {
+        Err(format!("{stdout}{}", String::from_utf8_lossy(&out.stderr)))
+    }
+}
+
+fn ok(t: &Target, args: &[&str]) -> String {
+    rpc(t, args).unwrap_or_else(|e| panic!("spdk-rpc {args:?} failed:\n{e}"))
+}
+
+#[test]
+fn spdk_rpc_py_drives_the_target_unchanged() {
+    if !spdk_rpc_available() {
+        return;
+    }
+    let mut t = Target::start();
+    assert!(ok(&t, &["spdk_get_version"]).contains("version"));
+    assert_eq!(
+        ok(&t, &["bdev_malloc_create", "-b", "Malloc0", "8", "512"]).trim(),
+        "Malloc0"
+    );
+    // Unnamed malloc: SPDK's auto name.
+    assert_eq!(
+        ok(&t, &["bdev_malloc_create", "4", "4096"]).trim(),
+        "Malloc1"
+    );
+    assert_eq!(
+        ok(&t, &["bdev_null_create", "Null0", "8", "512"]).trim(),
+        "Null0"
+    );
+    ok(
+        &t,
+        &[
+            "bdev_delay_create",
+            "-b",
+            "Malloc0",
+            "-d",
+            "Delay0",
+            "-r",
+            "10",
+            "-t",
+            "20",
+            "-w",
+            "10",
+            "-n",
+            "20",
+        ],
+    );
+    ok(&t, &["bdev_error_create", "Malloc1"]);
+    ok(
+        &t,
+        &[
+            "bdev_error_inject_error",
+            "EE_Malloc1",
+            "read",
+            "failure",
+            "-n",
+            "2",
+        ],
+    );
+    ok(
+        &t,
+        &["bdev_delay_update_latency", "Delay0", "avg_read", "15"],
+    );
+    let d: Value = serde_json::from_str(&ok(&t, &["bdev_get_bdevs", "-b", "Delay0"])).unwrap();
+    assert_eq!(d[0]["driver_specific"]["delay"]["avg_read_latency"], 15);
+    let all: Value = serde_json::from_str(&ok(&t, &["bdev_get_bdevs"])).unwrap();
+    assert_eq!(all.as_array().unwrap().len(), 5);
+    let st: Value = serde_json::from_str(&ok(&t, &["bdev_get_iostat"])).unwrap();
+    assert_eq!(st["bdevs"].as_array().unwrap().len(), 5);
+    let one: Value =
+        serde_json::from_str(&ok(&t, &["bdev_get_iostat", "--names", "Malloc0,Null0"])).unwrap();
+    assert_eq!(one["bdevs"].as_array().unwrap().len(), 2);
+    ok(&t, &["bdev_get_iostat", "-c", "--names", "Malloc0"]);
+    ok(&t, &["bdev_wait_for_examine"]);
+    let r: Value = serde_json::from_str(&ok(&t, &["framework_get_reactors"])).unwrap();
+    assert_eq!(r["reactors"].as_array().unwrap().len(), 2);
+    ok(&t, &["thread_get_stats"]);
+    ok(&t, &["thread_get_pollers"]);
+    ok(&t, &["rpc_get_methods"]);
+
+    // Errors come back as rpc.py reports them.
+    let e = rpc(&t, &["bdev_malloc_create", "-b", "Malloc0", "8", "512"]).unwrap_err();
+    assert!(e.contains("-17") && e.contains("File exists"), "{e}");
+    let e = rpc(&t, &["bdev_malloc_delete", "Nope"]).unwrap_err();
+    assert!(e.contains("-19") && e.contains("No such device"), "{e}");
+
+    // save_config, wipe, load_config: the same bdevs come back.
+    let saved = ok(&t, &["save_config"]);
+    let before: Value = serde_json::from_str(&ok(&t, &["bdev_get_bdevs"])).unwrap();
+    for (m, n) in [
+        ("bdev_error_delete", "EE_Malloc1"),
+        ("bdev_delay_delete", "Delay0"),
+        ("bdev_null_delete", "Null0"),
+        ("bdev_malloc_delete", "Malloc0"),
+        ("bdev_malloc_delete", "Malloc1"),
+    ] {
+        ok(&t, &[m, n]);
+    }
+    assert_eq!(ok(&t, &["bdev_get_bdevs"]).trim(), "[]");
+    let file = t.dir.join("saved.json");
+    std::fs::write(&file, &saved).unwrap();
+    ok(&t, &["load_config", "-j", file.to_str().unwrap()]);
+    let after: Value = serde_json::from_str(&ok(&t, &["bdev_get_bdevs"])).unwrap();
+    let key = |v: &Value| {
+        let mut k: Vec<(String, String)> = v
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|b| {
+                (
+                    b["name"].as_str().unwrap().into(),
+                    b["uuid"].as_str().unwrap().into(),
+                )
+            })
+            .collect();
+        k.sort();
+        k
+    };
+    assert_eq!(key(&after), key(&before));
+
+    ok(&t, &["spdk_kill_instance", "SIGTERM"]);
+    assert_eq!(t.wait_exit(Duration::from_secs(10)), Some(0));
+    assert!(!t.socket.exists());
+}
