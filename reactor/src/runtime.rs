@@ -120,6 +120,8 @@ pub(crate) struct ReactorShared {
     /// The loop task's waker while parked; woken from any thread (glommio
     /// supports foreign wakes).
     waker: Mutex<Option<Waker>>,
+    /// Loop iterations, read by the stall watchdog.
+    heartbeat: std::sync::atomic::AtomicU64,
 }
 
 impl ReactorShared {
@@ -394,6 +396,9 @@ impl Reactor {
                 let spent = end.saturating_sub(start);
                 let c = &self.counters;
                 c.iterations.set(c.iterations.get() + 1);
+                self.shared
+                    .heartbeat
+                    .store(c.iterations.get(), Ordering::Relaxed);
                 if busy {
                     c.busy_ticks.set(c.busy_ticks.get() + spent);
                     last_busy = end;
@@ -560,6 +565,7 @@ impl Runtime {
                     mailbox: SegQueue::new(),
                     parked: AtomicBool::new(false),
                     waker: Mutex::new(None),
+                    heartbeat: std::sync::atomic::AtomicU64::new(0),
                 })
             })
             .collect();
@@ -602,6 +608,31 @@ impl Runtime {
                 }
                 Err(_) => break,
             }
+        }
+        // Diagnostic: FERROPLANE_REACTOR_WATCHDOG=1 reports a reactor whose
+        // mailbox holds messages while its loop makes no progress (how the
+        // glommio park-with-runnable-tasks hang was found).
+        if std::env::var("FERROPLANE_REACTOR_WATCHDOG").is_ok() {
+            let wd = shared.clone();
+            std::thread::spawn(move || {
+                let mut last = vec![(0u64, 0usize); wd.reactors.len()];
+                loop {
+                    std::thread::sleep(Duration::from_millis(500));
+                    for (i, r) in wd.reactors.iter().enumerate() {
+                        let hb = r.heartbeat.load(Ordering::Relaxed);
+                        let len = r.mailbox.len();
+                        if len > 0 && last[i].1 > 0 && hb == last[i].0 {
+                            let w = r.waker.lock().map(|w| w.is_some()).unwrap_or(false);
+                            log::error!(
+                                "reactor {}: {len} messages waiting, no progress (parked {}, waker stored {w}, iterations {hb})",
+                                r.core,
+                                r.parked.load(Ordering::SeqCst)
+                            );
+                        }
+                        last[i] = (hb, len);
+                    }
+                }
+            });
         }
         Ok(Runtime { shared, threads })
     }

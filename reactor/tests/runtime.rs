@@ -263,3 +263,54 @@ fn unavailable_core_is_refused() {
     let cfg = RuntimeConfig::new(CoreSet::from_ids([1000]).unwrap());
     assert!(Runtime::start(cfg, || async {}).is_err());
 }
+
+/// Foreign threads posting to a reactor that parks between messages always
+/// get through (this hung with upstream glommio 0.9.0 under CPU contention:
+/// vendor/glommio/PATCHED.md). A hog thread per core makes the reactors get
+/// descheduled mid-iteration, as on a busy machine.
+#[test]
+fn foreign_posts_to_a_parking_reactor_are_never_lost() {
+    let stop = Arc::new(AtomicBool::new(false));
+    let hogs: Vec<_> = (0..2)
+        .map(|_| {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let mut x = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    x = x.wrapping_mul(6364136223846793005).wrapping_add(1);
+                    std::hint::black_box(x);
+                }
+            })
+        })
+        .collect();
+    let rt = Runtime::start(RuntimeConfig::new(two_cores()), || async {}).unwrap();
+    let h = rt.handle();
+    let posters: Vec<_> = (0..3)
+        .map(|t| {
+            let h = h.clone();
+            std::thread::spawn(move || {
+                let target = h.cores().cores()[t % h.cores().cores().len()];
+                for i in 0..1500u64 {
+                    let (tx, rx) = std::sync::mpsc::channel();
+                    h.send(target, move || {
+                        reactor::spawn_local(async move {
+                            let _ = tx.send(());
+                        })
+                    });
+                    rx.recv_timeout(Duration::from_secs(10))
+                        .unwrap_or_else(|_| panic!("poster {t}: message {i} never ran"));
+                    std::thread::sleep(Duration::from_micros(i * 37 % 400));
+                }
+            })
+        })
+        .collect();
+    for p in posters {
+        p.join().unwrap();
+    }
+    stop.store(true, Ordering::Relaxed);
+    for hog in hogs {
+        hog.join().unwrap();
+    }
+    h.shutdown(0);
+    assert_eq!(rt.join(), 0);
+}

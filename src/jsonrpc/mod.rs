@@ -5,14 +5,15 @@
 //! [`framing`].
 //!
 //! Owns: the socket file and its `<path>.lock` (flocked for the server's
-//! lifetime, both removed when it stops), the accept loop and one task per
-//! connection, all on the main reactor.
+//! lifetime, both removed when it stops), an accept thread and one thread
+//! per connection doing blocking socket I/O; every request runs on the
+//! main reactor, handed over through its mailbox.
 //!
 //! Invariants:
 //! - Within a connection, requests are handled one at a time in arrival
 //!   order, so responses come back in request order (a batch's elements run
-//!   in order too). Connections are independent tasks: a slow handler holds
-//!   up only its own connection.
+//!   in order too). Connections are independent threads: a slow handler
+//!   holds up only its own connection.
 //! - At most [`MAX_CONNECTIONS`] connections at once; beyond, the accept
 //!   loop waits (the client waits in the listen backlog) until one closes.
 //! - Input that is not JSON, or an incomplete value over
@@ -26,19 +27,20 @@ mod framing;
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
-use std::io;
+use std::io::{self, Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
 use std::time::Duration;
 
 use bdev::rpc::{RpcState, RpcTable};
-use futures_lite::{AsyncReadExt, AsyncWriteExt};
-use glommio::net::{UnixListener, UnixStream};
-use glommio::sync::Semaphore;
-use glommio::task::JoinHandle;
 use log::{debug, info, warn};
+use reactor::{CoreId, RuntimeHandle};
 use serde_json::Value;
 
 use framing::{
@@ -47,22 +49,23 @@ use framing::{
 };
 
 /// SPDK's `SPDK_JSONRPC_MAX_CONNS`: connections served at once.
-const MAX_CONNECTIONS: u64 = 64;
+const MAX_CONNECTIONS: usize = 64;
 
 /// Bytes asked for per read: more than rpc.py's usual request, which it
 /// sends whole.
 const READ_CHUNK_BYTES: usize = 64 * 1024;
 
 /// Pause after a failed accept (EMFILE and the like), so a lasting failure
-/// does not spin the main reactor.
+/// does not spin.
 const ACCEPT_RETRY_DELAY: Duration = Duration::from_millis(100);
 
 /// The running server. Stop it with [`RpcServer::stop`]; dropping it stops
-/// it too. Lives on the main reactor (it is not `Send`).
+/// it too. Created and stopped on the main reactor.
 pub struct RpcServer {
-    accept_task: JoinHandle<()>,
-    connections: Rc<Connections>,
-    /// Dropped after the tasks are cancelled: removes the files.
+    shared: Arc<Shared>,
+    listener: UnixListener,
+    accept_thread: Option<JoinHandle<()>>,
+    /// Dropped last: removes the files.
     files: SocketFiles,
 }
 
@@ -86,34 +89,35 @@ impl Drop for SocketFiles {
     }
 }
 
-/// The live connection tasks, so stopping can cancel them.
-#[derive(Default)]
-struct Connections {
-    next_id: Cell<u64>,
-    tasks: RefCell<HashMap<u64, JoinHandle<()>>>,
+/// State shared by the accept thread and the connection threads.
+struct Shared {
+    stopping: AtomicBool,
+    /// Open connections (clones, so stop can shut them down).
+    connections: Mutex<HashMap<u64, UnixStream>>,
+    /// Signalled when a connection closes (frees a slot).
+    slot_freed: Condvar,
+    runtime: RuntimeHandle,
+    main_core: CoreId,
 }
 
-/// Removes its connection from [`Connections`] when the task ends or is
-/// cancelled.
-struct ConnectionEntry {
-    connections: Rc<Connections>,
-    id: u64,
-}
+/// The table and the state requests run in.
+type DispatchTarget = (Rc<RpcTable>, Rc<Cell<RpcState>>);
 
-impl Drop for ConnectionEntry {
-    fn drop(&mut self) {
-        if let Ok(mut tasks) = self.connections.tasks.try_borrow_mut() {
-            tasks.remove(&self.id);
-        }
-    }
+thread_local! {
+    /// What the server dispatches into, set on the main reactor.
+    static DISPATCH: RefCell<Option<DispatchTarget>> = const { RefCell::new(None) };
 }
 
 impl RpcServer {
     /// Listens on `path` as SPDK does: takes an exclusive non-blocking flock
     /// on `<path>.lock` (created 0600), removes a stale socket file, binds,
-    /// and starts accepting on the current reactor (call it on the main
-    /// reactor). Methods run in the state `state` holds at each call. The
-    /// listen backlog is glommio's 128 (SPDK's is 512).
+    /// and starts accepting. Call it on the main reactor: requests run there,
+    /// in the state `state` holds at each call.
+    ///
+    /// Socket I/O runs on plain threads (an accept thread and one per
+    /// connection) that hand each request to the main reactor through its
+    /// mailbox, which wakes it even when parked. The control plane so never
+    /// depends on the reactors' own socket polling.
     pub fn start(
         path: &Path,
         table: Rc<RpcTable>,
@@ -158,25 +162,35 @@ impl RpcServer {
         // is there; what cannot be unlinked (a directory) fails the bind.
         let _ = std::fs::remove_file(path);
         let listener = UnixListener::bind(path).map_err(|e| {
-            let e = io::Error::from(e);
             io::Error::new(
                 e.kind(),
                 format!("cannot listen on RPC socket {}: {e}", path.display()),
             )
         })?;
-        let connections = Rc::new(Connections::default());
-        let accept_task =
-            reactor::spawn_local_joinable(accept_loop(listener, table, state, connections.clone()));
+        DISPATCH.with(|d| *d.borrow_mut() = Some((table, state)));
+        let shared = Arc::new(Shared {
+            stopping: AtomicBool::new(false),
+            connections: Mutex::new(HashMap::new()),
+            slot_freed: Condvar::new(),
+            runtime: reactor::handle(),
+            main_core: reactor::current_core(),
+        });
+        let accept_listener = listener.try_clone()?;
+        let accept_shared = shared.clone();
+        let accept_thread = std::thread::Builder::new()
+            .name("rpc_accept".into())
+            .spawn(move || accept_loop(accept_listener, accept_shared))?;
         info!("RPC server listening on {}", path.display());
         Ok(RpcServer {
-            accept_task,
-            connections,
+            shared,
+            listener,
+            accept_thread: Some(accept_thread),
             files,
         })
     }
 
-    /// Stops accepting, abandons open connections (their in-flight handlers
-    /// are dropped), and removes the socket and lock files.
+    /// Stops accepting, shuts down open connections (requests in flight
+    /// get no answer), and removes the socket and lock files.
     pub fn stop(self) {
         drop(self);
     }
@@ -184,65 +198,101 @@ impl RpcServer {
 
 impl Drop for RpcServer {
     fn drop(&mut self) {
-        self.accept_task.cancel();
-        let tasks: Vec<JoinHandle<()>> = match self.connections.tasks.try_borrow_mut() {
-            Ok(mut tasks) => tasks.drain().map(|(_, t)| t).collect(),
-            Err(_) => Vec::new(),
-        };
-        for t in &tasks {
-            t.cancel();
+        self.shared.stopping.store(true, Ordering::SeqCst);
+        // Wakes the blocked accept (Linux: EINVAL on a shut-down listener).
+        // SAFETY: shutdown on a socket we own.
+        unsafe { libc::shutdown(self.listener.as_raw_fd(), libc::SHUT_RDWR) };
+        self.shared.slot_freed.notify_all();
+        if let Ok(conns) = self.shared.connections.lock() {
+            for c in conns.values() {
+                let _ = c.shutdown(std::net::Shutdown::Both);
+            }
         }
+        if let Some(t) = self.accept_thread.take() {
+            let _ = t.join();
+        }
+        DISPATCH.with(|d| d.borrow_mut().take());
         info!("RPC server on {} stopped", self.files.path.display());
     }
 }
 
-async fn accept_loop(
-    listener: UnixListener,
-    table: Rc<RpcTable>,
-    state: Rc<Cell<RpcState>>,
-    connections: Rc<Connections>,
-) {
-    let slots = Rc::new(Semaphore::new(MAX_CONNECTIONS));
+fn accept_loop(listener: UnixListener, shared: Arc<Shared>) {
+    let mut next_id = 0u64;
     loop {
-        // Taken before accepting: at the limit, clients wait in the backlog.
-        let Ok(slot) = slots.acquire_static_permit(1).await else {
+        // Take a slot first: at the limit, clients wait in the backlog.
+        {
+            let Ok(mut conns) = shared.connections.lock() else {
+                return;
+            };
+            while conns.len() >= MAX_CONNECTIONS && !shared.stopping.load(Ordering::SeqCst) {
+                conns = match shared.slot_freed.wait(conns) {
+                    Ok(c) => c,
+                    Err(_) => return,
+                };
+            }
+        }
+        if shared.stopping.load(Ordering::SeqCst) {
             return;
-        };
-        let stream = match listener.accept().await {
-            Ok(s) => s,
+        }
+        let stream = match listener.accept() {
+            Ok((s, _)) => s,
+            Err(_) if shared.stopping.load(Ordering::SeqCst) => return,
             Err(e) => {
                 warn!("RPC accept failed: {e}");
-                reactor::sleep(ACCEPT_RETRY_DELAY).await;
+                std::thread::sleep(ACCEPT_RETRY_DELAY);
                 continue;
             }
         };
-        let id = connections.next_id.get();
-        connections.next_id.set(id + 1);
+        let id = next_id;
+        next_id += 1;
         debug!("RPC connection {id} accepted");
-        let entry = ConnectionEntry {
-            connections: connections.clone(),
-            id,
+        let Ok(clone) = stream.try_clone() else {
+            continue;
         };
-        let (table, state) = (table.clone(), state.clone());
-        let task = reactor::spawn_local_joinable(async move {
-            let _slot = slot;
-            let _entry = entry;
-            serve_connection(stream, &table, &state, id).await;
-            debug!("RPC connection {id} closed");
-        });
-        // The task cannot have run yet: nothing yielded since the spawn.
-        connections.tasks.borrow_mut().insert(id, task);
+        if let Ok(mut conns) = shared.connections.lock() {
+            conns.insert(id, clone);
+        }
+        let conn_shared = shared.clone();
+        let spawned = std::thread::Builder::new()
+            .name(format!("rpc_conn_{id}"))
+            .spawn(move || {
+                serve_connection(stream, &conn_shared, id);
+                if let Ok(mut conns) = conn_shared.connections.lock() {
+                    conns.remove(&id);
+                }
+                conn_shared.slot_freed.notify_all();
+                debug!("RPC connection {id} closed");
+            });
+        if let Err(e) = spawned {
+            warn!("RPC: cannot start a connection thread: {e}");
+            if let Ok(mut conns) = shared.connections.lock() {
+                conns.remove(&id);
+            }
+        }
     }
+}
+
+/// Runs one top-level value on the main reactor and waits for its
+/// response. None when nothing is to be sent, or the reactor is gone.
+fn dispatch(shared: &Shared, top: Top) -> Result<Option<String>, ()> {
+    let (tx, rx) = mpsc::channel();
+    let sent = shared.runtime.send(shared.main_core, move || {
+        reactor::spawn_local(async move {
+            let Some((table, state)) = DISPATCH.with(|d| d.borrow().clone()) else {
+                return;
+            };
+            let _ = tx.send(respond(&table, &state, top).await);
+        });
+    });
+    if !sent {
+        return Err(());
+    }
+    rx.recv().map_err(|_| ())
 }
 
 /// Reads requests and answers them in order until end of input, an I/O
 /// error, or a stream that cannot be parsed.
-async fn serve_connection(
-    mut stream: UnixStream,
-    table: &RpcTable,
-    state: &Cell<RpcState>,
-    id: u64,
-) {
+fn serve_connection(mut stream: UnixStream, shared: &Shared, id: u64) {
     let mut framer = Framer::new();
     let mut chunk = vec![0u8; READ_CHUNK_BYTES];
     let mut eof = false;
@@ -253,38 +303,38 @@ async fn serve_connection(
                 Ok(None) => break,
                 Err(e) => {
                     warn!("RPC connection {id}: {e}; closing it");
-                    let _ = send(&mut stream, &parse_error_line()).await;
+                    let _ = stream.write_all(parse_error_line().as_bytes());
                     return;
                 }
             };
-            if let Some(response) = respond(table, state, top).await {
-                if let Err(e) = send(&mut stream, &response).await {
-                    debug!("RPC connection {id}: cannot send response: {e}");
-                    return;
+            match dispatch(shared, top) {
+                Ok(Some(response)) => {
+                    if let Err(e) = stream.write_all(response.as_bytes()) {
+                        debug!("RPC connection {id}: cannot send response: {e}");
+                        return;
+                    }
                 }
+                Ok(None) => {}
+                Err(()) => return,
             }
         }
-        if eof {
-            if framer.has_partial() {
+        if eof || shared.stopping.load(Ordering::SeqCst) {
+            if eof && framer.has_partial() {
                 warn!("RPC connection {id}: input ended inside a request");
-                let _ = send(&mut stream, &parse_error_line()).await;
+                let _ = stream.write_all(parse_error_line().as_bytes());
             }
             return;
         }
-        match stream.read(&mut chunk).await {
+        match stream.read(&mut chunk) {
             Ok(0) => eof = true,
             Ok(n) => framer.push(&chunk[..n]),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => {
                 debug!("RPC connection {id}: read failed: {e}");
                 return;
             }
         }
     }
-}
-
-async fn send(stream: &mut UnixStream, data: &str) -> io::Result<()> {
-    stream.write_all(data.as_bytes()).await?;
-    stream.flush().await
 }
 
 /// The response to one top-level value, newline included, or `None` when

@@ -39,7 +39,14 @@ impl Target {
     pub fn start_with(args: &[&str]) -> Target {
         let dir = scratch_dir();
         let socket = dir.join("rpc.sock");
-        let child = Command::new(BIN)
+        let mut cmd = Command::new(BIN);
+        // The whole suite can run in busy mode too.
+        if let Ok(mode) = std::env::var("FERROPLANE_TEST_POLL_MODE") {
+            if !args.contains(&"--poll-mode") {
+                cmd.args(["--poll-mode", &mode]);
+            }
+        }
+        let child = cmd
             .args(args)
             .arg("-r")
             .arg(&socket)
