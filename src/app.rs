@@ -9,8 +9,8 @@ use bdev::rpc::{RpcState, RpcTable};
 
 use crate::app_rpc::{self, AppContext};
 use crate::cli::Cli;
-use crate::config;
 use crate::jsonrpc::RpcServer;
+use bdev::config;
 
 fn build_table(ctx: Rc<AppContext>) -> Rc<RpcTable> {
     let mut table = RpcTable::new();

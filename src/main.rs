@@ -5,7 +5,6 @@
 mod app;
 mod app_rpc;
 mod cli;
-mod config;
 mod jsonrpc;
 
 use clap::Parser;

@@ -12,6 +12,7 @@ pub use error::{BdevError, Result};
 pub mod bdev;
 pub mod bdev_rpc;
 pub mod channel;
+pub mod config;
 pub mod io;
 pub mod registry;
 pub mod stats;

@@ -1,4 +1,4 @@
-//! JSON configuration load (`-c FILE`): SPDK's `{"subsystems": [{
+//! JSON configuration load (`-c FILE` of the target, bdevperf's `-c`): SPDK's `{"subsystems": [{
 //! "subsystem": .., "config": [{"method": .., "params": ..}, ..]}]}`,
 //! comments allowed, replayed through the RPC method table in file order.
 //!
@@ -8,7 +8,7 @@
 
 use std::path::Path;
 
-use bdev::rpc::{RpcError, RpcState, RpcTable};
+use crate::rpc::{RpcError, RpcState, RpcTable};
 use serde_json::Value;
 
 #[derive(Debug)]
@@ -135,7 +135,7 @@ pub async fn apply(
         }
         match table.call(&e.method, e.params.clone(), state).await {
             Ok(_) => {}
-            Err(err) if err.code == bdev::rpc::INVALID_STATE => skipped.push(e),
+            Err(err) if err.code == crate::rpc::INVALID_STATE => skipped.push(e),
             Err(err) if err.code == -libc::ENODEV => pending.push(e),
             Err(err) => fail(&e, err, ignore_errors)?,
         }
