@@ -5,6 +5,7 @@ pub mod delay;
 pub mod error;
 pub mod malloc;
 pub mod null;
+pub mod uring;
 
 use crate::rpc::RpcTable;
 
@@ -14,4 +15,5 @@ pub fn register_rpcs(table: &mut RpcTable) {
     null::rpc::register(table);
     delay::rpc::register(table);
     error::rpc::register(table);
+    uring::rpc::register(table);
 }
