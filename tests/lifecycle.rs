@@ -28,8 +28,14 @@ fn populate(t: &Target) {
         "p99_read_latency": 100, "avg_write_latency": 100, "p99_write_latency": 100}),
     );
     t.ok("bdev_error_create", json!({"base_name": "M1"}));
+    let img = t.dir.join("u0.img");
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(1 << 20)
+        .unwrap();
+    t.ok("bdev_uring_create", json!({"name": "U0", "filename": img}));
     // Touch each so every core's channels and pollers exist.
-    for n in ["D0", "EE_M1", "N0"] {
+    for n in ["D0", "EE_M1", "N0", "U0"] {
         t.ok(
             "bdev_read",
             json!({"name": n, "offset_blocks": 0, "num_blocks": 1}),
@@ -97,6 +103,6 @@ fn an_idle_adaptive_target_uses_under_one_percent_of_a_core() {
             .as_array()
             .unwrap()
             .len(),
-        5
+        6
     );
 }
