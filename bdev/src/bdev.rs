@@ -68,6 +68,9 @@ pub(crate) struct BdevShared {
     pub(crate) removed: AtomicBool,
     /// Statistics of channels that have been destroyed.
     pub(crate) retired_stats: Mutex<IoStat>,
+    /// `io_type_supported` for every type, asked once at registration so
+    /// the submit path needs no virtual call (bit = `IoType as u8`).
+    pub(crate) supported_mask: u8,
 }
 
 /// A registered bdev. Cheap to clone and `Send`: channels on every core
@@ -77,7 +80,12 @@ pub struct BdevHandle(pub(crate) Arc<BdevShared>);
 
 impl BdevHandle {
     pub(crate) fn new(id: u64, props: BdevProps, ops: Box<dyn Bdev>) -> BdevHandle {
+        let supported_mask = IoType::ALL
+            .iter()
+            .filter(|t| ops.io_type_supported(**t))
+            .fold(0u8, |m, t| m | (1 << *t as u8));
         BdevHandle(Arc::new(BdevShared {
+            supported_mask,
             id,
             props,
             ops,
@@ -133,8 +141,9 @@ impl BdevHandle {
         self.0.ops.module()
     }
 
+    #[inline]
     pub fn io_type_supported(&self, t: IoType) -> bool {
-        self.0.ops.io_type_supported(t)
+        self.0.supported_mask & (1 << t as u8) != 0
     }
 
     pub fn is_removed(&self) -> bool {

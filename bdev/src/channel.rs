@@ -135,19 +135,23 @@ pub(crate) fn complete_io(io: IoBox) {
         }
     });
     if let Some(io) = defer {
-        deliver(io);
+        deliver(io, reactor::ticks::now());
     }
 }
 
+/// Pops the top frame at time `now` (one clock read serves a whole batch
+/// of deferred completions) and hands the I/O to that layer's callback,
+/// with the layer's latency recorded in the I/O.
 #[inline]
-fn deliver(mut io: IoBox) {
+fn deliver(mut io: IoBox, now: u64) {
     let Some(frame) = io.pop_frame() else {
         log::error!("completed an I/O with no submitter; dropping it");
         return;
     };
     let ch = &frame.channel.0;
     ch.in_flight.set(ch.in_flight.get() - 1);
-    let latency = reactor::ticks::now().saturating_sub(frame.submit_tick);
+    let latency = now.saturating_sub(frame.submit_tick);
+    io.set_latency_ticks(latency);
     let bytes = io.num_blocks * ch.bdev.block_size() as u64;
     ch.stats
         .borrow_mut()
@@ -187,11 +191,12 @@ thread_local! {
 /// the rest of the loop.
 fn run_deferred() -> reactor::PollStatus {
     let n = CORE.with(|c| c.deferred.borrow().len());
+    let now = reactor::ticks::now();
     for _ in 0..n {
         let Some(io) = CORE.with(|c| c.deferred.borrow_mut().pop_front()) else {
             break;
         };
-        deliver(io);
+        deliver(io, now);
     }
     if CORE.with(|c| !c.deferred.borrow().is_empty()) {
         CORE.with(|c| c.wake_completion_poller());

@@ -245,6 +245,7 @@ pub struct BdevIo {
     frames: [Option<Frame>; MAX_IO_STACK],
     depth: usize,
     spare_ctx: u64,
+    latency_ticks: u64,
 }
 
 impl BdevIo {
@@ -259,6 +260,7 @@ impl BdevIo {
             frames: Default::default(),
             depth: 0,
             spare_ctx: 0,
+            latency_ticks: 0,
         }
     }
 
@@ -278,6 +280,17 @@ impl BdevIo {
             // Not in any channel, so no module owns a context.
             None => &mut self.spare_ctx,
         }
+    }
+
+    /// In a completion callback: ticks from the submit into the layer that
+    /// just completed to its completion (what that layer's statistics
+    /// recorded), so submitters need no clock read of their own.
+    pub fn latency_ticks(&self) -> u64 {
+        self.latency_ticks
+    }
+
+    pub(crate) fn set_latency_ticks(&mut self, t: u64) {
+        self.latency_ticks = t;
     }
 
     /// Submit tick of the layer the I/O is currently in.

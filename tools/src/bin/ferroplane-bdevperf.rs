@@ -340,8 +340,6 @@ struct JobSpec {
 
 /// Per queue slot state.
 struct Slot {
-    /// Tick at which the slot's I/O was submitted.
-    start: Cell<u64>,
     /// Verify: index of the slot's current unit among those it owns.
     unit_index: Cell<u64>,
     /// Verify: how many times the slot has gone through its units, from 1.
@@ -559,11 +557,10 @@ impl Job {
         io.offset_blocks = self.spec.region_start + unit * self.spec.blocks_per_io;
     }
 
-    /// Submits `io` as `slot`'s I/O, its latency counted from `start`.
+    /// Submits `io` as `slot`'s I/O.
     #[inline]
-    fn submit(&self, mut io: IoBox, slot: u64, start: u64) {
+    fn submit(&self, mut io: IoBox, slot: u64) {
         io.tag = slot;
-        self.slots[slot as usize].start.set(start);
         self.ch.submit(io, self.rc());
     }
 
@@ -617,7 +614,8 @@ impl Job {
 
 impl IoCompletion for Job {
     fn io_done(&self, mut io: IoBox) {
-        let now = ticks::now();
+        // The framework measured this I/O's latency at our layer already.
+        let latency = io.latency_ticks();
         let slot = io.tag;
         let status = io.status();
         if status == IoStatus::NoMemory {
@@ -627,10 +625,7 @@ impl IoCompletion for Job {
             self.ch.submit(io, self.rc());
             return;
         }
-        let st = &self.slots[slot as usize];
-        self.hist
-            .borrow_mut()
-            .saturating_record(now.saturating_sub(st.start.get()));
+        self.hist.borrow_mut().saturating_record(latency);
         self.ios.set(self.ios.get() + 1);
         let ok = if !status.is_success() {
             self.failed.set(self.failed.get() + 1);
@@ -658,7 +653,7 @@ impl IoCompletion for Job {
             self.stop();
         }
         if self.stopping.get() {
-            self.retire(io, now);
+            self.retire(io, ticks::now());
             return;
         }
         if !ok && self.spec.workload == Workload::Verify {
@@ -666,15 +661,7 @@ impl IoCompletion for Job {
             io.io_type = IoType::Read;
         }
         self.prepare(&mut io, slot, false);
-        // Choosing the next offset takes a few ns: the completion's tick
-        // stands for the submit's, saving a clock read per I/O. Verify
-        // fills or poisons the buffer first, so it reads the clock again.
-        let start = if self.spec.workload == Workload::Verify {
-            ticks::now()
-        } else {
-            now
-        };
-        self.submit(io, slot, start);
+        self.submit(io, slot);
     }
 }
 
@@ -696,7 +683,6 @@ fn start_job(spec: JobSpec, desc: Descriptor) -> Result<CompletionEvent<()>, Str
     }
     let slots = (0..q)
         .map(|_| Slot {
-            start: Cell::new(0),
             unit_index: Cell::new(0),
             generation: Cell::new(1),
         })
@@ -746,7 +732,7 @@ fn start_job(spec: JobSpec, desc: Descriptor) -> Result<CompletionEvent<()>, Str
     job.allocs_at_start.set(thread_allocs());
     job.start_tick.set(ticks::now());
     for (s, io) in ios.into_iter().enumerate() {
-        job.submit(io, s as u64, ticks::now());
+        job.submit(io, s as u64);
     }
     Ok(rx)
 }
