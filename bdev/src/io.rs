@@ -234,18 +234,24 @@ pub(crate) struct Frame {
 
 /// One I/O request. Fields describing the request are public; the frame
 /// stack is the framework's.
+///
+/// `repr(C)` keeps the fields every submit and completion touches in the
+/// first cache line and the first frames right after it: with a few
+/// hundred I/Os in flight per core, an I/O that spans fewer lines stays
+/// in L1 (deep frames are rarely used).
+#[repr(C)]
 pub struct BdevIo {
     pub io_type: IoType,
+    status: IoStatus,
+    depth: u16,
     pub offset_blocks: u64,
     pub num_blocks: u64,
     pub buf: IoBuf,
     /// The submitter's own tag (slot index, job id), untouched by layers.
     pub tag: u64,
-    status: IoStatus,
-    frames: [Option<Frame>; MAX_IO_STACK],
-    depth: usize,
-    spare_ctx: u64,
     latency_ticks: u64,
+    spare_ctx: u64,
+    frames: [Option<Frame>; MAX_IO_STACK],
 }
 
 impl BdevIo {
@@ -272,7 +278,7 @@ impl BdevIo {
     /// (a deadline, a flag); it survives the I/O's trip through the layers
     /// below and is back in view when they complete it.
     pub fn module_ctx(&mut self) -> &mut u64 {
-        match self.depth.checked_sub(1) {
+        match (self.depth as usize).checked_sub(1) {
             Some(d) => match self.frames[d].as_mut() {
                 Some(f) => &mut f.module_ctx,
                 None => &mut self.spare_ctx,
@@ -295,7 +301,7 @@ impl BdevIo {
 
     /// Submit tick of the layer the I/O is currently in.
     pub fn submit_tick(&self) -> u64 {
-        self.depth
+        (self.depth as usize)
             .checked_sub(1)
             .and_then(|d| self.frames[d].as_ref())
             .map_or(0, |f| f.submit_tick)
@@ -303,25 +309,28 @@ impl BdevIo {
 
     /// Stack depth: how many channels the I/O is currently in.
     pub fn depth(&self) -> usize {
-        self.depth
+        self.depth as usize
     }
 
+    #[inline]
     pub(crate) fn push_frame(&mut self, frame: Frame) -> bool {
-        if self.depth == MAX_IO_STACK {
+        let d = self.depth as usize;
+        if d == MAX_IO_STACK {
             return false;
         }
-        self.frames[self.depth] = Some(frame);
+        self.frames[d] = Some(frame);
         self.depth += 1;
         self.status = IoStatus::Pending;
         true
     }
 
+    #[inline]
     pub(crate) fn pop_frame(&mut self) -> Option<Frame> {
         if self.depth == 0 {
             return None;
         }
         self.depth -= 1;
-        self.frames[self.depth].take()
+        self.frames[self.depth as usize].take()
     }
 
     pub(crate) fn set_status(&mut self, status: IoStatus) {
