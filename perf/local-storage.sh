@@ -34,7 +34,7 @@ cat > "$CFG" <<JSON
 JSON
 
 bdevperf_iops() { # bdev workload qd
-    "$BDEVPERF" -c "$CFG" -b "$1" -w "$2" -q "$3" -o 4096 -t "$SECS" -m "0x$((1 << CORE))" --json \
+    "$BDEVPERF" -c "$CFG" -b "$1" -w "$2" -q "$3" -o 4096 -t "$SECS" -m "0x$((1 << CORE))" --json --progress 0 \
         | python3 -c 'import json,sys; print(round(json.load(sys.stdin)["total"]["iops"]))'
 }
 
