@@ -15,6 +15,9 @@
 //!   malloc bdev.
 //! - `malloc/{read,write}/lat/<mode>`: QD1 latency of random 4 KiB I/O to a
 //!   64 MiB malloc bdev, submit call to `io_done`, in an hdrhistogram.
+//! - `ref/memcpy4k`: no bdev at all; the same random 4 KiB copies a malloc
+//!   read does, as a plain loop on the reactor's core (a baseline for the
+//!   malloc cases, whose cost is mostly this copy from DRAM).
 //!
 //! Usage: `cargo bench --bench bdev_io [-- FILTER...]`; a case runs when its
 //! name contains any FILTER. `FP_BENCH_SECS` sets the measured time of a
@@ -54,6 +57,10 @@ enum Backend {
 enum Measure {
     Rate,
     Latency,
+    /// No bdev: random 4 KiB copies out of a 64 MiB buffer into `qd`
+    /// rotating buffers, the work a malloc read does. Measured in the same
+    /// run, so the malloc figures can be read as "copy + framework".
+    CopyRef,
 }
 
 #[derive(Clone)]
@@ -80,6 +87,8 @@ struct Outcome {
     iters_per_io: f64,
     /// Latency in ticks (latency cases).
     hist: Option<Histogram<u64>>,
+    /// Mean latency the bdev layer reported (`IoBox::latency_ticks`), ticks.
+    bdev_lat_mean: f64,
 }
 
 impl Outcome {
@@ -117,6 +126,9 @@ struct Job {
     /// Malloc reads: check the last buffer of each slot.
     verify_stamp: bool,
     hist: Option<RefCell<Histogram<u64>>>,
+    /// Sum of the latencies the bdev layer itself reported for the I/Os in
+    /// `hist` (a cross-check of its accounting).
+    bdev_lat_sum: Cell<u64>,
 }
 
 impl Job {
@@ -164,6 +176,8 @@ impl IoCompletion for Slot {
                 if job.measuring.get() {
                     h.borrow_mut()
                         .saturating_record(now.saturating_sub(self.submitted_at.get()));
+                    job.bdev_lat_sum
+                        .set(job.bdev_lat_sum.get() + io.latency_ticks());
                 }
                 job.clock(n, now);
             }
@@ -309,11 +323,11 @@ async fn run_case(case: &Case, s: Settings) -> Result<Outcome, String> {
     drop(io);
 
     let secs = match case.measure {
-        Measure::Rate => s.secs,
         Measure::Latency => s.secs * 2.0 / 3.0,
+        _ => s.secs,
     };
     let hist = match case.measure {
-        Measure::Rate => None,
+        Measure::Rate | Measure::CopyRef => None,
         Measure::Latency => Some(RefCell::new(
             Histogram::<u64>::new_with_max(ticks::tick_rate() * 10, 3).expect("histogram"),
         )),
@@ -341,6 +355,7 @@ async fn run_case(case: &Case, s: Settings) -> Result<Outcome, String> {
         bad_data: Cell::new(0),
         verify_stamp: case.backend == Backend::Malloc && case.io_type == IoType::Read,
         hist,
+        bdev_lat_sum: Cell::new(0),
     });
     for i in 0..case.qd {
         let slot = Rc::new_cyclic(|me| Slot {
@@ -403,6 +418,10 @@ async fn run_case(case: &Case, s: Settings) -> Result<Outcome, String> {
         return Err("the measured window never opened".into());
     }
     let hist = job.hist.as_ref().map(|h| h.borrow().clone());
+    let bdev_lat_mean = match &hist {
+        Some(h) if !h.is_empty() => job.bdev_lat_sum.get() as f64 / h.len() as f64,
+        _ => 0.0,
+    };
     drop(job);
     drop(ch);
     drop(desc);
@@ -412,7 +431,50 @@ async fn run_case(case: &Case, s: Settings) -> Result<Outcome, String> {
         ticks: t1 - t0,
         iters_per_io: iters as f64 / completed.max(1) as f64,
         hist,
+        bdev_lat_mean,
     })
+}
+
+/// The copy a malloc read does, without the bdev layer. Runs on the
+/// reactor's core and blocks it, which is fine: nothing else runs there.
+fn copy_reference(qd: u32, s: Settings) -> Outcome {
+    let len = (MALLOC_BLOCKS * BLOCK_SIZE as u64) as usize;
+    let bs = BLOCK_SIZE as usize;
+    // Touch every page, as stamping the malloc bdev does.
+    let src = vec![1u8; len];
+    let mut dst = IoBuf::new(bs * qd as usize);
+    let offsets = random_offsets(MALLOC_BLOCKS);
+    let start = ticks::now();
+    let warm_end = start + ticks::from_duration(Duration::from_secs_f64(s.warmup));
+    let end = warm_end + ticks::from_duration(Duration::from_secs_f64(s.secs));
+    let (mut n, mut mark) = (0u64, None);
+    loop {
+        for _ in 0..CHECK_EVERY {
+            let off = offsets[n as usize & (OFFSET_TABLE - 1)] as usize * bs;
+            let slot = (n % qd as u64) as usize * bs;
+            // SAFETY: off + bs <= len (offsets < MALLOC_BLOCKS) and
+            // slot + bs <= dst.len(); the buffers do not overlap.
+            unsafe {
+                std::ptr::copy_nonoverlapping(src.as_ptr().add(off), dst.as_mut_ptr().add(slot), bs)
+            };
+            std::hint::black_box(dst.as_mut_ptr());
+            n += 1;
+        }
+        let now = ticks::now();
+        match mark {
+            None if now >= warm_end => mark = Some((n, now)),
+            Some((n0, t0)) if now >= end => {
+                return Outcome {
+                    ios: n - n0,
+                    ticks: now - t0,
+                    iters_per_io: 0.0,
+                    hist: None,
+                    bdev_lat_mean: 0.0,
+                };
+            }
+            _ => {}
+        }
+    }
 }
 
 fn run_in_runtime(case: &Case, s: Settings) -> Outcome {
@@ -423,13 +485,29 @@ fn run_in_runtime(case: &Case, s: Settings) -> Outcome {
     let rt = Runtime::start(
         RuntimeConfig::new(cores).poll_mode(case.mode),
         move || async move {
-            let r = run_case(&case2, s).await;
+            let r = match case2.measure {
+                Measure::CopyRef => Ok(copy_reference(case2.qd, s)),
+                _ => run_case(&case2, s).await,
+            };
             *out2.lock().expect("result lock") = Some(r);
             reactor::shutdown(0);
         },
     )
     .expect("start runtime");
-    assert_eq!(rt.join(), 0, "{}: a reactor failed", case.name);
+    // A wedged reactor would hang the bench forever: give up loudly.
+    let limit = Duration::from_secs_f64((s.warmup + s.secs) * 3.0 + 60.0);
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+    let name = case.name.clone();
+    let watchdog = std::thread::spawn(move || {
+        if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = done_rx.recv_timeout(limit) {
+            eprintln!("{name}: no result after {limit:?}: the reactor is wedged; aborting");
+            std::process::exit(3);
+        }
+    });
+    let code = rt.join();
+    drop(done_tx);
+    let _ = watchdog.join();
+    assert_eq!(code, 0, "{}: a reactor failed", case.name);
     let r = out.lock().expect("result lock").take();
     match r {
         Some(Ok(o)) => o,
@@ -452,6 +530,14 @@ fn cases() -> Vec<Case> {
             });
         }
     }
+    v.push(Case {
+        name: "ref/memcpy4k".into(),
+        backend: Backend::Malloc,
+        io_type: IoType::Read,
+        qd: 32,
+        mode: PollMode::Busy,
+        measure: Measure::CopyRef,
+    });
     for mode in [PollMode::Busy, PollMode::Adaptive] {
         v.push(Case {
             name: format!("malloc/read/qd32/{}", mode.as_str()),
@@ -523,7 +609,7 @@ fn main() {
             o.ns_per_io()
         );
         match case.measure {
-            Measure::Rate => rates.push((case.clone(), o)),
+            Measure::Rate | Measure::CopyRef => rates.push((case.clone(), o)),
             Measure::Latency => lats.push((case.clone(), o)),
         }
     }
@@ -533,29 +619,33 @@ fn main() {
         println!("| case | poll mode | QD | IOPS | ns/IO | × SPDK null (46 ns) | loop iters/IO |");
         println!("|---|---|---:|---:|---:|---:|---:|");
         for (c, o) in &rates {
+            let (mode, iters) = match c.measure {
+                Measure::CopyRef => ("-", "-".to_string()),
+                _ => (c.mode.as_str(), format!("{:.3}", o.iters_per_io)),
+            };
             println!(
-                "| {} | {} | {} | {:.0} | {:.1} | {:.2} | {:.3} |",
+                "| {} | {} | {} | {:.0} | {:.1} | {:.2} | {} |",
                 c.name,
-                c.mode.as_str(),
+                mode,
                 c.qd,
                 o.iops(),
                 o.ns_per_io(),
                 o.ns_per_io() / SPDK_NULL_NS,
-                o.iters_per_io
+                iters
             );
         }
     }
     if !lats.is_empty() {
         println!();
         println!(
-            "| case | poll mode | I/Os | IOPS | mean ns | p50 ns | p99 ns | p99.9 ns | max ns |"
+            "| case | poll mode | I/Os | IOPS | mean ns | p50 ns | p99 ns | p99.9 ns | max ns | bdev-reported mean ns |"
         );
-        println!("|---|---|---:|---:|---:|---:|---:|---:|---:|");
+        println!("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|");
         for (c, o) in &lats {
             let h = o.hist.as_ref().expect("latency histogram");
             let ns = |t: u64| ticks::to_ns(t);
             println!(
-                "| {} | {} | {} | {:.0} | {:.0} | {} | {} | {} | {} |",
+                "| {} | {} | {} | {:.0} | {:.0} | {} | {} | {} | {} | {:.0} |",
                 c.name,
                 c.mode.as_str(),
                 h.len(),
@@ -564,7 +654,8 @@ fn main() {
                 ns(h.value_at_quantile(0.50)),
                 ns(h.value_at_quantile(0.99)),
                 ns(h.value_at_quantile(0.999)),
-                ns(h.max())
+                ns(h.max()),
+                o.bdev_lat_mean * 1e9 / ticks::tick_rate() as f64
             );
         }
     }
