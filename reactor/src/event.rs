@@ -1,14 +1,20 @@
 //! Completion events: a one-shot value sent from any core (or any thread)
 //! to a task waiting on a reactor. `call(core, f).await` is built on it.
 //!
-//! The receiver's waker is stored beside the value and woken from the
-//! sender's thread; glommio routes a foreign wake to the owning executor and
-//! wakes it if it is parked.
+//! The receiver's waker is stored beside the value with the reactor it
+//! waits on. A sender on another thread does not wake it directly (glommio
+//! only looks at foreign wakes between task-queue runs, every preempt
+//! period, so a busy reactor would see it up to ~1 ms late); it posts the
+//! wake to the waiter's reactor mailbox, which every loop turn drains and
+//! which wakes a parked reactor.
 
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
+
+use crate::cores::CoreId;
+use crate::runtime::RuntimeHandle;
 
 /// The sender went away without completing (its reactor stopped, or the
 /// work was dropped).
@@ -26,7 +32,27 @@ impl std::error::Error for Abandoned {}
 struct Slot<T> {
     value: Option<T>,
     closed: bool,
-    waker: Option<Waker>,
+    waker: Option<Waiter>,
+}
+
+/// The waiting task's waker and, when it waits on a reactor, which one.
+struct Waiter {
+    waker: Waker,
+    reactor: Option<(RuntimeHandle, CoreId)>,
+}
+
+impl Waiter {
+    fn wake(self) {
+        match self.reactor {
+            Some((handle, core)) if crate::try_current_core() != Some(core) => {
+                let waker = self.waker.clone();
+                if !handle.send(core, move || waker.wake()) {
+                    self.waker.wake();
+                }
+            }
+            _ => self.waker.wake(),
+        }
+    }
 }
 
 /// The sending half: `Send`, completes at most once.
@@ -97,7 +123,11 @@ impl<T> Future for CompletionEvent<T> {
         if s.closed {
             return Poll::Ready(Err(Abandoned));
         }
-        s.waker = Some(cx.waker().clone());
+        let reactor = crate::try_current_core().map(|c| (crate::handle(), c));
+        s.waker = Some(Waiter {
+            waker: cx.waker().clone(),
+            reactor,
+        });
         Poll::Pending
     }
 }
