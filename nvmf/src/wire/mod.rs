@@ -13,6 +13,7 @@
 //! alignment assumptions, sizes checked at compile time.
 
 pub mod digest;
+pub mod fabrics;
 pub mod nvme;
 pub mod pdu;
 
