@@ -14,6 +14,7 @@
 
 pub mod digest;
 pub mod fabrics;
+pub mod identify;
 pub mod nvme;
 pub mod pdu;
 
