@@ -15,6 +15,7 @@ use bdev::config;
 fn build_table(ctx: Rc<AppContext>) -> Rc<RpcTable> {
     let mut table = RpcTable::new();
     bdev::register_rpcs(&mut table);
+    nvmf::register_rpcs(&mut table);
     app_rpc::register(&mut table, ctx.clone());
     let table = Rc::new(table);
     *ctx.table.borrow_mut() = Rc::downgrade(&table);

@@ -20,11 +20,12 @@ pub struct AppContext {
 }
 
 /// The subsystems we report, in init order, with their dependencies.
-const SUBSYSTEMS: &[(&str, &[&str])] = &[("bdev", &[])];
+const SUBSYSTEMS: &[(&str, &[&str])] = &[("bdev", &[]), ("nvmf", &["bdev"])];
 
 fn subsystem_config(name: &str) -> Option<Value> {
     match name {
         "bdev" => Some(bdev::bdev_rpc::subsystem_config()),
+        "nvmf" => Some(nvmf::target::rpc::subsystem_config()),
         _ => None,
     }
 }

@@ -1,7 +1,13 @@
 //! Crate `nvmf`: NVMe over TCP.
 //!
-//! `wire` holds the NVMe/TCP PDU formats and the NVMe command and
-//! completion structures, shared by the target and the initiator (which
-//! come next, with their RPCs).
+//! `wire` holds the NVMe/TCP PDU formats and the NVMe command, completion,
+//! fabrics and identify structures, shared by target and initiator;
+//! `target` the NVMe/TCP target (control plane so far).
 
+pub mod target;
 pub mod wire;
+
+/// Registers the nvmf RPC methods.
+pub fn register_rpcs(table: &mut bdev::rpc::RpcTable) {
+    target::rpc::register(table);
+}
