@@ -279,12 +279,24 @@ pub fn validate_nqn(nqn: &str) -> Result<(), BdevError> {
     Ok(())
 }
 
+pub struct BoundListener {
+    pub socket: TcpListener,
+    pub acceptor: glommio::task::JoinHandle<()>,
+}
+
+impl Drop for BoundListener {
+    fn drop(&mut self) {
+        self.acceptor.cancel();
+    }
+}
+
 /// The whole target's control state.
 pub struct Target {
     pub transport: Option<TransportOpts>,
     pub subsystems: BTreeMap<String, Subsystem>,
-    /// Bound listen sockets, by address, shared by the subsystems on them.
-    pub sockets: BTreeMap<SocketAddr, TcpListener>,
+    /// Bound listen sockets, by address, shared by the subsystems on them,
+    /// with the task accepting on each.
+    pub sockets: BTreeMap<SocketAddr, BoundListener>,
     /// NQNs whose create is in flight (SPEC §2).
     pub reserved: Vec<String>,
 }
@@ -325,7 +337,19 @@ impl Target {
         })?;
         l.set_nonblocking(true)
             .map_err(|e| BdevError::Invalid(format!("{addr}: {e}")))?;
-        self.sockets.insert(addr, l);
+        let maxh2cdata = self
+            .transport
+            .as_ref()
+            .map_or(TransportOpts::default().max_io_size, |t| t.max_io_size);
+        let acceptor = super::conn::start_acceptor(addr, &l, maxh2cdata)
+            .map_err(|e| BdevError::Invalid(format!("cannot accept on {addr}: {e}")))?;
+        self.sockets.insert(
+            addr,
+            BoundListener {
+                socket: l,
+                acceptor,
+            },
+        );
         Ok(())
     }
 

@@ -1,0 +1,194 @@
+//! NVMe/TCP connections: accepting on the bound listeners, spreading
+//! connections over the reactors, connection initialisation (ICReq →
+//! ICResp with digests echoed) and PDU framing with the receive-side
+//! checks. A malformed PDU ends that connection with a C2HTermReq naming
+//! the fatal error status and field, and nothing else is affected.
+//!
+//! Transitional: sockets use glommio's stream API (correct and idle-friendly:
+//! a parked reactor wakes on socket readiness), not yet the batched
+//! non-blocking path DESIGN.md calls for; commands after connection
+//! initialisation are not served yet (each gets Command Sequence Error, as
+//! SPDK answers commands on a queue that is not connected).
+
+use std::cell::Cell;
+use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, FromRawFd};
+use std::rc::Rc;
+
+use futures_lite::{AsyncReadExt, AsyncWriteExt};
+use glommio::net::{TcpListener, TcpStream};
+
+use crate::wire::nvme::{sc, Cqe, Sqe, Status};
+use crate::wire::pdu::{
+    self, check, encode_capsule_resp, encode_term_req, header_digest_ok, CommonHeader, Digests,
+    IcReq, IcResp, PduError, PduType, CH_BYTES, DIGEST_BYTES, IC_BYTES, SHORT_HLEN,
+    TERM_REQ_MAX_DATA,
+};
+
+/// Starts accepting on `listener` (a dup of the bound socket) from the
+/// main reactor; returns the task, cancelled when the address is released.
+pub fn start_acceptor(
+    addr: SocketAddr,
+    listener: &std::net::TcpListener,
+    maxh2cdata: u32,
+) -> std::io::Result<glommio::task::JoinHandle<()>> {
+    let fd = listener.try_clone()?;
+    let fd = std::os::fd::IntoRawFd::into_raw_fd(fd);
+    // SAFETY: `fd` is a freshly duplicated listening socket owned by nobody
+    // else; glommio's listener takes ownership.
+    let gl = unsafe { TcpListener::from_raw_fd(fd) };
+    let next = Rc::new(Cell::new(0usize));
+    Ok(reactor::spawn_local_joinable(async move {
+        log::info!("NVMe/TCP listening on {addr}");
+        loop {
+            let accepted = match gl.shared_accept().await {
+                Ok(a) => a,
+                Err(e) => {
+                    log::warn!("accept on {addr}: {e}");
+                    reactor::sleep(std::time::Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let cores = reactor::cores();
+            let core = cores[next.get() % cores.len()];
+            next.set(next.get() + 1);
+            reactor::send(core, move || {
+                let stream = accepted.bind_to_executor();
+                reactor::spawn_local(async move {
+                    let peer = stream.peer_addr().ok();
+                    if let Err(e) = serve(stream, maxh2cdata).await {
+                        log::debug!("NVMe/TCP connection from {peer:?} ended: {e}");
+                    }
+                });
+            });
+        }
+    }))
+}
+
+#[derive(Debug)]
+enum ConnError {
+    Io(std::io::Error),
+    /// The peer sent something fatal; a TermReq was sent.
+    Pdu(PduError),
+}
+
+impl std::fmt::Display for ConnError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ConnError::Io(e) => write!(f, "{e}"),
+            ConnError::Pdu(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+impl From<std::io::Error> for ConnError {
+    fn from(e: std::io::Error) -> Self {
+        ConnError::Io(e)
+    }
+}
+
+async fn terminate(stream: &mut TcpStream, e: PduError, header: &[u8]) -> ConnError {
+    let mut out = [0u8; SHORT_HLEN + TERM_REQ_MAX_DATA];
+    let n = encode_term_req(&mut out, true, &e, header);
+    let _ = stream.write_all(&out[..n]).await;
+    let _ = stream.flush().await;
+    log::warn!(
+        "NVMe/TCP: terminating connection fd {}: {e}",
+        stream.as_raw_fd()
+    );
+    ConnError::Pdu(e)
+}
+
+/// One connection from ICReq to close.
+async fn serve(mut stream: TcpStream, maxh2cdata: u32) -> Result<(), ConnError> {
+    let _ = stream.set_nodelay(true);
+    // Connection initialisation: the first PDU must be an ICReq.
+    let mut ic = [0u8; IC_BYTES];
+    stream.read_exact(&mut ic[..CH_BYTES]).await?;
+    let ch = CommonHeader::parse(&ic).ok_or_else(|| ConnError::Pdu(PduError::field(4, "short")))?;
+    if ch.pdu_type != PduType::IcReq as u8 {
+        let e = PduError::sequence("first PDU is not an ICReq");
+        return Err(terminate(&mut stream, e, &ic[..CH_BYTES]).await);
+    }
+    if let Err(e) = check(&ch, true, Digests::default()) {
+        return Err(terminate(&mut stream, e, &ic[..CH_BYTES]).await);
+    }
+    stream.read_exact(&mut ic[CH_BYTES..]).await?;
+    let req = match IcReq::parse(&ic) {
+        Ok(r) => r,
+        Err(e) => return Err(terminate(&mut stream, e, &ic).await),
+    };
+    let digests = req.digests;
+    let resp = IcResp {
+        pfv: 0,
+        cpda: 0,
+        digests,
+        maxh2cdata,
+    };
+    let mut out = [0u8; IC_BYTES];
+    resp.encode(&mut out);
+    stream.write_all(&out).await?;
+    stream.flush().await?;
+
+    let mut buf: Vec<u8> = Vec::with_capacity(8192);
+    loop {
+        let mut chb = [0u8; CH_BYTES];
+        if let Err(e) = stream.read_exact(&mut chb).await {
+            return if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                Ok(())
+            } else {
+                Err(e.into())
+            };
+        }
+        let ch =
+            CommonHeader::parse(&chb).ok_or_else(|| ConnError::Pdu(PduError::field(4, "short")))?;
+        if ch.pdu_type == PduType::IcReq as u8 {
+            let e = PduError::sequence("second ICReq");
+            return Err(terminate(&mut stream, e, &chb).await);
+        }
+        let layout = match check(&ch, true, digests) {
+            Ok(l) => l,
+            Err(e) => return Err(terminate(&mut stream, e, &chb).await),
+        };
+        buf.clear();
+        buf.extend_from_slice(&chb);
+        buf.resize(layout.plen, 0);
+        stream.read_exact(&mut buf[CH_BYTES..]).await?;
+        if layout.header_digest
+            && !header_digest_ok(
+                &buf[..layout.hlen],
+                &buf[layout.hlen..layout.hlen + DIGEST_BYTES],
+            )
+        {
+            let e = PduError {
+                fes: pdu::fes::HEADER_DIGEST_ERROR,
+                fei: 0,
+                reason: "header digest mismatch",
+            };
+            return Err(terminate(&mut stream, e, &buf[..layout.hlen]).await);
+        }
+        match layout.pdu_type {
+            PduType::H2CTermReq => {
+                let (fes, fei) = pdu::parse_term_req(&buf).unwrap_or((0, 0));
+                log::warn!("NVMe/TCP: host terminated the connection (FES {fes:#x}, FEI {fei})");
+                return Ok(());
+            }
+            PduType::CapsuleCmd => {
+                let Some(sqe) = Sqe::from_bytes(&buf[CH_BYTES..]) else {
+                    continue;
+                };
+                // No controller on this queue yet: every command is out of
+                // sequence until fabrics Connect is served.
+                let cqe = Cqe::new(sqe.cid(), Status::generic(sc::COMMAND_SEQUENCE_ERROR));
+                let mut rsp = [0u8; SHORT_HLEN + DIGEST_BYTES];
+                let n = encode_capsule_resp(&mut rsp, &cqe, digests);
+                stream.write_all(&rsp[..n]).await?;
+                stream.flush().await?;
+            }
+            _ => {
+                let e = PduError::sequence("data PDU with no transfer in progress");
+                return Err(terminate(&mut stream, e, &buf[..layout.hlen]).await);
+            }
+        }
+    }
+}
