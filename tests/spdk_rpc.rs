@@ -97,6 +97,23 @@ fn spdk_rpc_py_drives_the_target_unchanged() {
             "2",
         ],
     );
+    // File-backed bdevs under both of SPDK's names.
+    let img = t.dir.join("u.img");
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(1 << 20)
+        .unwrap();
+    let img = img.to_str().unwrap();
+    assert_eq!(
+        ok(&t, &["bdev_uring_create", img, "Uring0", "4096"]).trim(),
+        "Uring0"
+    );
+    ok(&t, &["bdev_uring_delete", "Uring0"]);
+    assert_eq!(
+        ok(&t, &["bdev_aio_create", img, "Aio0", "4096"]).trim(),
+        "Aio0"
+    );
+    ok(&t, &["bdev_aio_delete", "Aio0"]);
     ok(
         &t,
         &["bdev_delay_update_latency", "Delay0", "avg_read", "15"],
