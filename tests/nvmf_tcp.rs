@@ -147,3 +147,217 @@ fn icreq_gets_icresp_and_malformed_pdus_end_only_their_connection() {
     let status = u16::from_le_bytes(resp[22..24].try_into().unwrap());
     assert_eq!((status >> 1) & 0xFF, 0x0C);
 }
+
+/// A raw NVMe/TCP host queue (no digests) for driving the target.
+struct HostQueue {
+    s: TcpStream,
+}
+
+const HOSTNQN: &str = "nqn.2014-08.org.nvmexpress:uuid:1b4e28ba-2fa1-11d2-883f-0016d3cca427";
+
+impl HostQueue {
+    fn open(port: u16) -> HostQueue {
+        let mut s = connect(port);
+        s.write_all(&icreq(0)).unwrap();
+        let mut r = [0u8; 128];
+        s.read_exact(&mut r).unwrap();
+        assert_eq!(r[0], 1);
+        HostQueue { s }
+    }
+
+    /// Sends a command (64-byte SQE, in-capsule `data`), returns the C2H
+    /// data and the CQE bytes.
+    fn cmd(&mut self, sqe: [u8; 64], data: &[u8]) -> (Vec<u8>, [u8; 16]) {
+        let plen = 72 + data.len();
+        let mut pdu = vec![0u8; plen];
+        pdu[0] = 4;
+        pdu[2] = 72;
+        pdu[3] = if data.is_empty() { 0 } else { 72 };
+        pdu[4..8].copy_from_slice(&(plen as u32).to_le_bytes());
+        pdu[8..72].copy_from_slice(&sqe);
+        pdu[72..].copy_from_slice(data);
+        self.s.write_all(&pdu).unwrap();
+        let mut got = Vec::new();
+        loop {
+            let mut h = [0u8; 24];
+            self.s.read_exact(&mut h).unwrap();
+            match h[0] {
+                0x07 => {
+                    let len = u32::from_le_bytes(h[16..20].try_into().unwrap()) as usize;
+                    let mut d = vec![0u8; len];
+                    self.s.read_exact(&mut d).unwrap();
+                    got.extend_from_slice(&d);
+                }
+                0x05 => return (got, h[8..24].try_into().unwrap()),
+                t => panic!("unexpected PDU type {t:#x}"),
+            }
+        }
+    }
+}
+
+fn sqe(opcode: u8, cid: u16) -> [u8; 64] {
+    let mut b = [0u8; 64];
+    b[0] = opcode;
+    b[1] = 0x40;
+    b[2..4].copy_from_slice(&cid.to_le_bytes());
+    b
+}
+
+fn with_sgl(mut b: [u8; 64], len: u32, in_capsule: bool) -> [u8; 64] {
+    b[32..36].copy_from_slice(&len.to_le_bytes());
+    b[39] = if in_capsule { 0x01 } else { 0x5A };
+    b
+}
+
+fn connect_cmd(qid: u16, sqsize: u16, kato: u32) -> [u8; 64] {
+    let mut b = with_sgl(sqe(0x7F, 1), 1024, true);
+    b[4] = 0x01;
+    b[42..44].copy_from_slice(&qid.to_le_bytes());
+    b[44..46].copy_from_slice(&sqsize.to_le_bytes());
+    b[48..52].copy_from_slice(&kato.to_le_bytes());
+    b
+}
+
+fn connect_data(cntlid: u16, subnqn: &str, hostnqn: &str) -> Vec<u8> {
+    let mut d = vec![0u8; 1024];
+    d[16..18].copy_from_slice(&cntlid.to_le_bytes());
+    d[256..256 + subnqn.len()].copy_from_slice(subnqn.as_bytes());
+    d[512..512 + hostnqn.len()].copy_from_slice(hostnqn.as_bytes());
+    d
+}
+
+fn status(cqe: &[u8; 16]) -> (u8, u8) {
+    let v = u16::from_le_bytes(cqe[14..16].try_into().unwrap());
+    (((v >> 9) & 7) as u8, (v >> 1) as u8)
+}
+
+fn dw0(cqe: &[u8; 16]) -> u32 {
+    u32::from_le_bytes(cqe[0..4].try_into().unwrap())
+}
+
+fn property(get: bool, offset: u32, size8: bool, value: u64) -> [u8; 64] {
+    let mut b = sqe(0x7F, 2);
+    b[4] = if get { 0x04 } else { 0x00 };
+    b[40] = size8 as u8;
+    b[44..48].copy_from_slice(&offset.to_le_bytes());
+    b[48..56].copy_from_slice(&value.to_le_bytes());
+    b
+}
+
+#[test]
+fn the_linux_host_connect_sequence_gets_a_working_controller() {
+    let (t, port) = target_with_listener();
+    t.ok(
+        "bdev_malloc_create",
+        json!({"name": "M0", "num_blocks": 2048, "block_size": 4096}),
+    );
+    t.ok(
+        "nvmf_subsystem_add_ns",
+        json!({"nqn": NQN, "namespace": {"bdev_name": "M0"}}),
+    );
+
+    let mut admin = HostQueue::open(port);
+    // Commands before Connect are out of sequence.
+    let (_, c) = admin.cmd(with_sgl(sqe(0x06, 9), 4096, false), &[]);
+    assert_eq!(status(&c), (0, 0x0C));
+    // Admin Connect as Linux sends it.
+    let (_, c) = admin.cmd(
+        connect_cmd(0, 31, 5000),
+        &connect_data(0xFFFF, NQN, HOSTNQN),
+    );
+    assert_eq!(status(&c), (0, 0), "connect failed: dw0 {:#x}", dw0(&c));
+    let cntlid = dw0(&c) as u16;
+    assert!(cntlid >= 1);
+    // CAP (8 bytes), then CC EN=0, CC EN=1, CSTS.RDY.
+    let (_, c) = admin.cmd(property(true, 0x00, true, 0), &[]);
+    let cap = u64::from_le_bytes(c[0..8].try_into().unwrap());
+    assert_eq!(cap & 0xFFFF, 127, "MQES");
+    assert_eq!((cap >> 48) & 0xF, 0, "MPSMIN");
+    let cc = (6u64 << 16) | (4 << 20);
+    assert_eq!(
+        status(&admin.cmd(property(false, 0x14, false, cc), &[]).1),
+        (0, 0)
+    );
+    assert_eq!(
+        status(&admin.cmd(property(false, 0x14, false, cc | 1), &[]).1),
+        (0, 0)
+    );
+    let (_, c) = admin.cmd(property(true, 0x1C, false, 0), &[]);
+    assert_eq!(dw0(&c) & 1, 1, "CSTS.RDY");
+    let (_, c) = admin.cmd(property(true, 0x08, false, 0), &[]);
+    assert_eq!(dw0(&c), 0x0001_0300);
+    // Identify controller: 4096 bytes by C2HData.
+    let mut id = with_sgl(sqe(0x06, 10), 4096, false);
+    id[40] = 0x01;
+    let (data, c) = admin.cmd(id, &[]);
+    assert_eq!(status(&c), (0, 0));
+    assert_eq!(data.len(), 4096);
+    assert_eq!(u16::from_le_bytes(data[78..80].try_into().unwrap()), cntlid);
+    assert_eq!(&data[768..768 + NQN.len()], NQN.as_bytes());
+    assert_eq!(
+        u32::from_le_bytes(data[1792..1796].try_into().unwrap()),
+        260
+    );
+    // Active namespaces, then namespace 1.
+    let mut list = with_sgl(sqe(0x06, 11), 4096, false);
+    list[40] = 0x02;
+    let (data, _) = admin.cmd(list, &[]);
+    assert_eq!(u32::from_le_bytes(data[0..4].try_into().unwrap()), 1);
+    assert_eq!(u32::from_le_bytes(data[4..8].try_into().unwrap()), 0);
+    let mut ns = with_sgl(sqe(0x06, 12), 4096, false);
+    ns[4] = 1;
+    let (data, _) = admin.cmd(ns, &[]);
+    assert_eq!(u64::from_le_bytes(data[0..8].try_into().unwrap()), 2048);
+    assert_eq!(data[130], 12, "LBADS 4096");
+    // Number of queues, keep alive.
+    let mut nq = sqe(0x09, 13);
+    nq[40] = 0x07;
+    nq[44..48].copy_from_slice(&(3u32 | 3 << 16).to_le_bytes());
+    let (_, c) = admin.cmd(nq, &[]);
+    assert_eq!(dw0(&c), 3 | 3 << 16);
+    assert_eq!(status(&admin.cmd(sqe(0x18, 14), &[]).1), (0, 0));
+
+    // An I/O queue joins the controller.
+    let mut io = HostQueue::open(port);
+    let (_, c) = io.cmd(connect_cmd(1, 127, 0), &connect_data(cntlid, NQN, HOSTNQN));
+    assert_eq!(status(&c), (0, 0));
+    // Refusals carry the spec's status and the offending field.
+    let mut q = HostQueue::open(port);
+    let (_, c) = q.cmd(
+        connect_cmd(1, 127, 0),
+        &connect_data(cntlid + 100, NQN, HOSTNQN),
+    );
+    assert_eq!(
+        (status(&c), dw0(&c)),
+        ((1, 0x82), 0x1_0010),
+        "unknown cntlid"
+    );
+    let (_, c) = q.cmd(
+        connect_cmd(0, 31, 0),
+        &connect_data(0xFFFF, "nqn.2016-06.io.x:none", HOSTNQN),
+    );
+    assert_eq!(
+        (status(&c), dw0(&c)),
+        ((1, 0x82), 0x1_0100),
+        "unknown subsystem"
+    );
+    let (_, c) = q.cmd(connect_cmd(0, 0, 0), &connect_data(0xFFFF, NQN, HOSTNQN));
+    assert_eq!((status(&c), dw0(&c)), ((1, 0x82), 44), "sqsize 0");
+    t.ok(
+        "nvmf_subsystem_allow_any_host",
+        json!({"nqn": NQN, "allow_any_host": false}),
+    );
+    let (_, c) = q.cmd(connect_cmd(0, 31, 0), &connect_data(0xFFFF, NQN, HOSTNQN));
+    assert_eq!(status(&c), (1, 0x84), "host not allowed");
+    t.ok(
+        "nvmf_subsystem_add_host",
+        json!({"nqn": NQN, "host": HOSTNQN}),
+    );
+    let (_, c) = q.cmd(connect_cmd(0, 31, 0), &connect_data(0xFFFF, NQN, HOSTNQN));
+    assert_eq!(status(&c), (0, 0), "allowed host");
+    assert_ne!(
+        dw0(&c) as u16,
+        cntlid,
+        "a second controller gets its own cntlid"
+    );
+}

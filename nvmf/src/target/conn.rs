@@ -6,9 +6,10 @@
 //!
 //! Transitional: sockets use glommio's stream API (correct and idle-friendly:
 //! a parked reactor wakes on socket readiness), not yet the batched
-//! non-blocking path DESIGN.md calls for; commands after connection
-//! initialisation are not served yet (each gets Command Sequence Error, as
-//! SPDK answers commands on a queue that is not connected).
+//! non-blocking path DESIGN.md calls for. Served so far: fabrics Connect
+//! (admin and I/O queues), and on the admin queue Property Get/Set and the
+//! admin commands of `admin.rs`; NVM I/O commands come next (they get
+//! Invalid Opcode until then).
 
 use std::cell::Cell;
 use std::net::SocketAddr;
@@ -18,12 +19,115 @@ use std::rc::Rc;
 use futures_lite::{AsyncReadExt, AsyncWriteExt};
 use glommio::net::{TcpListener, TcpStream};
 
-use crate::wire::nvme::{sc, Cqe, Sqe, Status};
+use super::admin::{self, AdminOutcome, Controller, SubsystemView};
+use crate::wire::fabrics::{fctype, ConnectCmd, ConnectData, CONNECT_DATA_BYTES};
+use crate::wire::nvme::{sc, Cqe, Sqe, Status, OPC_FABRICS};
 use crate::wire::pdu::{
-    self, check, encode_capsule_resp, encode_term_req, header_digest_ok, CommonHeader, Digests,
-    IcReq, IcResp, PduError, PduType, CH_BYTES, DIGEST_BYTES, IC_BYTES, SHORT_HLEN,
+    self, check, encode_capsule_resp, encode_term_req, header_digest_ok, CommonHeader, DataHeader,
+    Digests, IcReq, IcResp, PduError, PduType, CH_BYTES, DIGEST_BYTES, IC_BYTES, SHORT_HLEN,
     TERM_REQ_MAX_DATA,
 };
+
+/// What a queue is, once Connect has run on it.
+enum Queue {
+    Unconnected,
+    Admin(Box<Controller>),
+    Io {
+        #[allow(dead_code)] // I/O commands come next
+        cntlid: u16,
+        #[allow(dead_code)]
+        subsystem: SubsystemView,
+    },
+}
+
+impl Drop for Queue {
+    fn drop(&mut self) {
+        if let Queue::Admin(c) = self {
+            let cntlid = c.cntlid;
+            reactor::send(reactor::main_core(), move || admin::destroy(cntlid));
+        }
+    }
+}
+
+/// Sends `data` (if any, cut to what the SGL asked) as one C2HData, then
+/// the CapsuleResp.
+async fn respond(
+    stream: &mut TcpStream,
+    digests: Digests,
+    sqe: &Sqe,
+    out: AdminOutcome,
+) -> std::io::Result<()> {
+    let Some(cqe) = out.cqe else { return Ok(()) };
+    let len = out.data.len().min(sqe.sgl().length() as usize);
+    if len > 0 {
+        let h = DataHeader {
+            cccid: sqe.cid(),
+            ttag: 0,
+            offset: 0,
+            length: len as u32,
+        };
+        let mut hdr = [0u8; SHORT_HLEN + DIGEST_BYTES];
+        let n = h.encode(&mut hdr, PduType::C2HData, pdu::flags::LAST_PDU, digests);
+        stream.write_all(&hdr[..n]).await?;
+        stream.write_all(&out.data[..len]).await?;
+        if digests.data {
+            let d = crate::wire::crc32c_digest(&out.data[..len]);
+            stream.write_all(&d.to_le_bytes()).await?;
+        }
+    }
+    let mut rsp = [0u8; SHORT_HLEN + DIGEST_BYTES];
+    let n = encode_capsule_resp(&mut rsp, &cqe, digests);
+    stream.write_all(&rsp[..n]).await?;
+    stream.flush().await
+}
+
+/// Runs a fabrics Connect on an unconnected queue.
+async fn connect(queue: &mut Queue, sqe: &Sqe, data: &[u8]) -> AdminOutcome {
+    let cid = sqe.cid();
+    let fail = |status: Status, dw0: u32| {
+        let mut c = Cqe::new(cid, status);
+        c.set_dw0(dw0);
+        AdminOutcome {
+            cqe: Some(c),
+            data: Vec::new(),
+        }
+    };
+    if data.len() < CONNECT_DATA_BYTES {
+        return fail(Status::generic(sc::DATA_SGL_LENGTH_INVALID).dnr(), 0);
+    }
+    let cmd = ConnectCmd::from_sqe(sqe);
+    let cdata = match ConnectData::parse(data) {
+        Ok(d) => d,
+        Err(bad) => {
+            return fail(
+                Status::command_specific(crate::wire::nvme::fabrics_sc::CONNECT_INVALID_PARAMETERS)
+                    .dnr(),
+                crate::wire::fabrics::connect_invalid_param_dw0(bad.0, true),
+            )
+        }
+    };
+    let result = reactor::call(reactor::main_core(), move || admin::connect(&cmd, &cdata)).await;
+    match result {
+        Ok(Ok((cntlid, view))) => {
+            *queue = if cmd.qid == 0 {
+                Queue::Admin(Box::new(Controller::new(cntlid, view, cmd.kato_ms)))
+            } else {
+                Queue::Io {
+                    cntlid,
+                    subsystem: view,
+                }
+            };
+            let mut c = Cqe::new(cid, Status::SUCCESS);
+            c.set_dw0(cntlid as u32);
+            AdminOutcome {
+                cqe: Some(c),
+                data: Vec::new(),
+            }
+        }
+        Ok(Err(r)) => fail(r.status, r.dw0),
+        Err(_) => fail(Status::generic(sc::INTERNAL_ERROR), 0),
+    }
+}
 
 /// Starts accepting on `listener` (a dup of the bound socket) from the
 /// main reactor; returns the task, cancelled when the address is released.
@@ -131,6 +235,7 @@ async fn serve(mut stream: TcpStream, maxh2cdata: u32) -> Result<(), ConnError> 
     stream.flush().await?;
 
     let mut buf: Vec<u8> = Vec::with_capacity(8192);
+    let mut queue = Queue::Unconnected;
     loop {
         let mut chb = [0u8; CH_BYTES];
         if let Err(e) = stream.read_exact(&mut chb).await {
@@ -177,13 +282,51 @@ async fn serve(mut stream: TcpStream, maxh2cdata: u32) -> Result<(), ConnError> 
                 let Some(sqe) = Sqe::from_bytes(&buf[CH_BYTES..]) else {
                     continue;
                 };
-                // No controller on this queue yet: every command is out of
-                // sequence until fabrics Connect is served.
-                let cqe = Cqe::new(sqe.cid(), Status::generic(sc::COMMAND_SEQUENCE_ERROR));
-                let mut rsp = [0u8; SHORT_HLEN + DIGEST_BYTES];
-                let n = encode_capsule_resp(&mut rsp, &cqe, digests);
-                stream.write_all(&rsp[..n]).await?;
-                stream.flush().await?;
+                let data = &buf[layout.data_offset..layout.data_offset + layout.data_len];
+                if layout.data_digest {
+                    let got = u32::from_le_bytes(
+                        buf[layout.plen - 4..layout.plen]
+                            .try_into()
+                            .unwrap_or([0; 4]),
+                    );
+                    if crate::wire::crc32c_digest(data) != got {
+                        // SPDK: transient transport error, connection kept.
+                        let out = AdminOutcome {
+                            cqe: Some(Cqe::new(
+                                sqe.cid(),
+                                Status::generic(sc::COMMAND_TRANSIENT_TRANSPORT_ERROR),
+                            )),
+                            data: Vec::new(),
+                        };
+                        respond(&mut stream, digests, &sqe, out).await?;
+                        continue;
+                    }
+                }
+                let fabrics = sqe.opcode() == OPC_FABRICS;
+                let out = match &mut queue {
+                    Queue::Unconnected if fabrics && sqe.fctype() == fctype::CONNECT => {
+                        let data = data.to_vec();
+                        connect(&mut queue, &sqe, &data).await
+                    }
+                    // Nothing but Connect before a controller exists.
+                    Queue::Unconnected => AdminOutcome {
+                        cqe: Some(Cqe::new(
+                            sqe.cid(),
+                            Status::generic(sc::COMMAND_SEQUENCE_ERROR),
+                        )),
+                        data: Vec::new(),
+                    },
+                    Queue::Admin(ctrl) if fabrics => ctrl.fabrics(&sqe),
+                    Queue::Admin(ctrl) => ctrl.admin(&sqe),
+                    Queue::Io { .. } => AdminOutcome {
+                        cqe: Some(Cqe::new(
+                            sqe.cid(),
+                            Status::generic(sc::INVALID_OPCODE).dnr(),
+                        )),
+                        data: Vec::new(),
+                    },
+                };
+                respond(&mut stream, digests, &sqe, out).await?;
             }
             _ => {
                 let e = PduError::sequence("data PDU with no transfer in progress");

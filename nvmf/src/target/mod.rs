@@ -5,6 +5,7 @@
 //! Connect and admin/I/O commands on reactor-pinned queue pairs builds on
 //! this next.
 
+pub mod admin;
 pub mod conn;
 pub mod rpc;
 pub mod subsystem;

@@ -299,6 +299,7 @@ pub struct Target {
     pub sockets: BTreeMap<SocketAddr, BoundListener>,
     /// NQNs whose create is in flight (SPEC §2).
     pub reserved: Vec<String>,
+    pub controllers: super::admin::Controllers,
 }
 
 thread_local! {
@@ -307,6 +308,7 @@ thread_local! {
         subsystems: BTreeMap::from([(DISCOVERY_NQN.to_string(), Subsystem::new_discovery())]),
         sockets: BTreeMap::new(),
         reserved: Vec::new(),
+        controllers: Default::default(),
     });
 }
 

@@ -1,0 +1,473 @@
+//! Controllers and the admin queue: fabrics Connect (admin and I/O queues)
+//! against the subsystem table, Property Get/Set (CAP, VS, CC, CSTS),
+//! Identify, Get/Set Features, Get Log Page, Keep Alive, Abort and
+//! Asynchronous Event Request. Command handling is a pure function of the
+//! controller's state and the command, so it is tested without sockets.
+//!
+//! A controller is created by an admin Connect (dynamic model, cntlid from
+//! the subsystem's range) and lives as long as its admin queue; the table
+//! of live controllers is on the main reactor, so I/O Connects on any core
+//! can find theirs.
+
+use std::collections::BTreeMap;
+
+use crate::wire::fabrics::{
+    self, connect_invalid_param_dw0, connect_offset, csts, fctype, reg, Cc, ConnectCmd,
+    ConnectData, PropertyCmd, CNTLID_DYNAMIC,
+};
+use crate::wire::identify::{self, cns, ControllerIdentity, ControllerType, NamespaceIdentity};
+use crate::wire::nvme::{fabrics_sc, sc, Cqe, Sqe, Status};
+
+use super::subsystem::{with_target, Target};
+
+/// What an admin queue needs to know of its subsystem, copied at Connect.
+#[derive(Clone, Debug)]
+pub struct SubsystemView {
+    pub nqn: String,
+    pub discovery: bool,
+    pub serial: String,
+    pub model: String,
+    pub max_namespaces: u32,
+    pub namespaces: Vec<NamespaceView>,
+    pub max_queue_depth: u32,
+    pub max_aq_depth: u32,
+    pub max_io_qpairs: u32,
+    pub in_capsule_data_size: u32,
+    pub max_io_size: u32,
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct NamespaceView {
+    pub nsid: u32,
+    pub num_blocks: u64,
+    pub block_size: u32,
+    pub nguid: [u8; 16],
+    pub uuid: [u8; 16],
+}
+
+/// A refused Connect: its status and CQE DW0 (IPO/IATTR).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConnectRefusal {
+    pub status: Status,
+    pub dw0: u32,
+}
+
+fn invalid_param(ipo: u16, in_data: bool) -> ConnectRefusal {
+    ConnectRefusal {
+        status: Status::command_specific(fabrics_sc::CONNECT_INVALID_PARAMETERS).dnr(),
+        dw0: connect_invalid_param_dw0(ipo, in_data),
+    }
+}
+
+/// The table of live controllers (main reactor).
+#[derive(Default)]
+pub struct Controllers {
+    pub live: BTreeMap<u16, ControllerRecord>,
+    next: u16,
+}
+
+#[derive(Clone, Debug)]
+pub struct ControllerRecord {
+    pub subnqn: String,
+    pub hostnqn: String,
+    pub hostid: [u8; 16],
+    pub io_qpairs: u32,
+}
+
+fn view(t: &Target, nqn: &str) -> Option<SubsystemView> {
+    let s = t.subsystems.get(nqn)?;
+    let tr = t.transport.clone().unwrap_or_default();
+    Some(SubsystemView {
+        nqn: s.nqn.clone(),
+        discovery: s.discovery,
+        serial: s.serial_number.clone(),
+        model: s.model_number.clone(),
+        max_namespaces: s.max_namespaces,
+        namespaces: s
+            .namespaces
+            .values()
+            .map(|n| NamespaceView {
+                nsid: n.nsid,
+                num_blocks: n.desc.bdev().num_blocks(),
+                block_size: n.desc.bdev().block_size(),
+                nguid: n.nguid,
+                uuid: *n.uuid.as_bytes(),
+            })
+            .collect(),
+        max_queue_depth: tr.max_queue_depth,
+        max_aq_depth: tr.max_aq_depth,
+        max_io_qpairs: tr.max_io_qpairs_per_ctrlr,
+        in_capsule_data_size: tr.in_capsule_data_size,
+        max_io_size: tr.max_io_size,
+    })
+}
+
+/// Validates a Connect and, for an admin queue, creates the controller.
+/// Runs on the main reactor. Returns the cntlid and the subsystem view.
+pub fn connect(
+    cmd: &ConnectCmd,
+    data: &ConnectData,
+) -> Result<(u16, SubsystemView), ConnectRefusal> {
+    with_target(|t| {
+        if cmd.recfmt != 0 {
+            return Err(ConnectRefusal {
+                status: Status::command_specific(fabrics_sc::INCOMPATIBLE_FORMAT).dnr(),
+                dw0: 0,
+            });
+        }
+        let v = view(t, &data.subnqn).ok_or(invalid_param(connect_offset::SUBNQN, true))?;
+        let allowed = t
+            .subsystems
+            .get(&data.subnqn)
+            .is_some_and(|s| s.host_allowed(&data.hostnqn));
+        if !allowed {
+            return Err(ConnectRefusal {
+                status: Status::command_specific(fabrics_sc::INVALID_HOST).dnr(),
+                dw0: connect_invalid_param_dw0(connect_offset::HOSTNQN, true),
+            });
+        }
+        let depth_limit = if cmd.qid == 0 {
+            v.max_aq_depth
+        } else {
+            v.max_queue_depth
+        };
+        if cmd.sqsize == 0 || cmd.sqsize as u32 >= depth_limit {
+            return Err(invalid_param(connect_offset::SQSIZE, false));
+        }
+        let ctrls = &mut t.controllers;
+        if cmd.qid == 0 {
+            if data.cntlid != CNTLID_DYNAMIC {
+                return Err(invalid_param(connect_offset::CNTLID, true));
+            }
+            let s = &t.subsystems[&data.subnqn];
+            let (min, max) = (s.min_cntlid, s.max_cntlid);
+            let span = (max - min) as u32 + 1;
+            let mut cntlid = None;
+            for i in 0..span {
+                let c = min + ((ctrls.next as u32 + i) % span) as u16;
+                if !ctrls.live.contains_key(&c) {
+                    cntlid = Some(c);
+                    break;
+                }
+            }
+            let Some(c) = cntlid else {
+                return Err(ConnectRefusal {
+                    status: Status::command_specific(fabrics_sc::CONTROLLER_BUSY),
+                    dw0: 0,
+                });
+            };
+            ctrls.next = c.wrapping_sub(min).wrapping_add(1);
+            ctrls.live.insert(
+                c,
+                ControllerRecord {
+                    subnqn: data.subnqn.clone(),
+                    hostnqn: data.hostnqn.clone(),
+                    hostid: data.hostid,
+                    io_qpairs: 0,
+                },
+            );
+            Ok((c, v))
+        } else {
+            let rec = ctrls
+                .live
+                .get_mut(&data.cntlid)
+                .filter(|r| r.subnqn == data.subnqn)
+                .ok_or(invalid_param(connect_offset::CNTLID, true))?;
+            if rec.hostnqn != data.hostnqn {
+                return Err(invalid_param(connect_offset::HOSTNQN, true));
+            }
+            if cmd.qid as u32 > v.max_io_qpairs {
+                return Err(invalid_param(connect_offset::QID, false));
+            }
+            rec.io_qpairs += 1;
+            Ok((data.cntlid, v))
+        }
+    })
+}
+
+/// Forgets a controller whose admin queue went away (main reactor).
+pub fn destroy(cntlid: u16) {
+    with_target(|t| t.controllers.live.remove(&cntlid));
+}
+
+/// An admin queue's controller.
+pub struct Controller {
+    pub cntlid: u16,
+    pub subsystem: SubsystemView,
+    pub kato_ms: u32,
+    pub cc: Cc,
+    pub csts: u32,
+    pub async_event_config: u32,
+    /// Outstanding Asynchronous Event Requests (CIDs), answered on events.
+    pub pending_aers: Vec<u16>,
+    pub io_queues_granted: u32,
+}
+
+/// AERL + 1: how many AERs a host may leave outstanding.
+const MAX_AERS: usize = 4;
+/// Keep-alive granularity we advertise (KAS), in 100 ms units.
+const KAS_100MS: u16 = 10;
+
+/// What the admin queue does with one command.
+pub struct AdminOutcome {
+    /// None: no response now (a held AER).
+    pub cqe: Option<Cqe>,
+    /// Data for the host (C2H), already cut to what the command asked.
+    pub data: Vec<u8>,
+}
+
+fn reply(cid: u16, status: Status) -> AdminOutcome {
+    AdminOutcome {
+        cqe: Some(Cqe::new(cid, status)),
+        data: Vec::new(),
+    }
+}
+
+impl Controller {
+    pub fn new(cntlid: u16, subsystem: SubsystemView, kato_ms: u32) -> Controller {
+        Controller {
+            cntlid,
+            subsystem,
+            kato_ms,
+            cc: Cc(0),
+            csts: 0,
+            async_event_config: 0,
+            pending_aers: Vec::new(),
+            io_queues_granted: 0,
+        }
+    }
+
+    fn cap(&self) -> u64 {
+        let mqes = (self.subsystem.max_queue_depth.clamp(2, 65536) - 1) as u16;
+        fabrics::cap(mqes, 30)
+    }
+
+    fn property(&mut self, sqe: &Sqe, set: bool) -> AdminOutcome {
+        let p = PropertyCmd::from_sqe(sqe);
+        let cid = sqe.cid();
+        let bad = || {
+            reply(
+                cid,
+                Status::command_specific(fabrics_sc::CONNECT_INVALID_PARAMETERS).dnr(),
+            )
+        };
+        if set {
+            if p.offset != reg::CC || p.size != 4 {
+                return bad();
+            }
+            let new = Cc(p.value as u32);
+            if new.shn() != 0 {
+                self.csts = (self.csts & !(0x3 << 2)) | csts::SHST_COMPLETE;
+            }
+            if new.en() && !self.cc.en() {
+                if new.iosqes() == 6 && new.iocqes() == 4 && new.mps() == 0 {
+                    self.csts |= csts::RDY;
+                } else {
+                    self.csts |= csts::CFS;
+                }
+            } else if !new.en() {
+                self.csts &= !csts::RDY;
+            }
+            self.cc = new;
+            return reply(cid, Status::SUCCESS);
+        }
+        let v = match (p.offset, p.size) {
+            (reg::CAP, _) => self.cap(),
+            (reg::VS, 4) => fabrics::VERSION_1_3 as u64,
+            (reg::CC, 4) => self.cc.0 as u64,
+            (reg::CSTS, 4) => self.csts as u64,
+            _ => return bad(),
+        };
+        let mut c = Cqe::new(cid, Status::SUCCESS);
+        c.set_result64(if p.size == 4 { v & 0xFFFF_FFFF } else { v });
+        AdminOutcome {
+            cqe: Some(c),
+            data: Vec::new(),
+        }
+    }
+
+    fn identify(&self, sqe: &Sqe) -> AdminOutcome {
+        let cid = sqe.cid();
+        let s = &self.subsystem;
+        let mut b = [0u8; identify::IDENTIFY_BYTES];
+        let nsid = sqe.nsid();
+        match (sqe.cdw(10) & 0xFF) as u8 {
+            cns::CONTROLLER => {
+                let mdts = (s.max_io_size / 4096).max(1).trailing_zeros() as u8;
+                identify::controller(
+                    &mut b,
+                    &ControllerIdentity {
+                        controller_type: if s.discovery {
+                            ControllerType::Discovery
+                        } else {
+                            ControllerType::Io
+                        },
+                        serial_number: &s.serial,
+                        model_number: &s.model,
+                        firmware_revision: env!("CARGO_PKG_VERSION"),
+                        cntlid: self.cntlid,
+                        version: fabrics::VERSION_1_3,
+                        mdts,
+                        kas_100ms: KAS_100MS,
+                        max_cmd: s.max_queue_depth as u16,
+                        nn: s.max_namespaces,
+                        oncs: identify::oncs::DSM | identify::oncs::WRITE_ZEROES,
+                        volatile_write_cache: true,
+                        in_capsule_data_bytes: s.in_capsule_data_size,
+                        subnqn: &s.nqn,
+                        oaes: if s.discovery {
+                            identify::OAES_DISCOVERY_LOG_CHANGE
+                        } else {
+                            identify::OAES_NS_ATTRIBUTE
+                        },
+                    },
+                );
+            }
+            cns::NAMESPACE | cns::NS_DESCRIPTORS => {
+                if nsid == 0 || nsid > s.max_namespaces {
+                    return reply(cid, Status::generic(sc::INVALID_NAMESPACE).dnr());
+                }
+                match s.namespaces.iter().find(|n| n.nsid == nsid) {
+                    // An inactive NSID reads as zeroes (CNS 00h).
+                    None if (sqe.cdw(10) & 0xFF) as u8 == cns::NAMESPACE => {}
+                    None => return reply(cid, Status::generic(sc::INVALID_NAMESPACE).dnr()),
+                    Some(n) => {
+                        let id = NamespaceIdentity {
+                            num_blocks: n.num_blocks,
+                            block_size: n.block_size,
+                            nguid: n.nguid,
+                            uuid: n.uuid,
+                            deallocated_reads_zeroes: true,
+                            optimal_io_boundary_blocks: 0,
+                        };
+                        if (sqe.cdw(10) & 0xFF) as u8 == cns::NAMESPACE {
+                            identify::namespace(&mut b, &id);
+                        } else {
+                            identify::ns_descriptors(&mut b, &id);
+                        }
+                    }
+                }
+            }
+            cns::ACTIVE_NS_LIST => {
+                if nsid >= 0xFFFF_FFFE {
+                    return reply(cid, Status::generic(sc::INVALID_NAMESPACE).dnr());
+                }
+                let ids: Vec<u32> = s.namespaces.iter().map(|n| n.nsid).collect();
+                identify::active_ns_list(&mut b, &ids, nsid);
+            }
+            // Command-set specific structures: no limits to report.
+            cns::CS_NAMESPACE | cns::CS_CONTROLLER => {}
+            _ => return reply(cid, Status::generic(sc::INVALID_FIELD).dnr()),
+        }
+        AdminOutcome {
+            cqe: Some(Cqe::new(cid, Status::SUCCESS)),
+            data: b.to_vec(),
+        }
+    }
+
+    fn features(&mut self, sqe: &Sqe, set: bool) -> AdminOutcome {
+        let cid = sqe.cid();
+        let fid = (sqe.cdw(10) & 0xFF) as u8;
+        let mut c = Cqe::new(cid, Status::SUCCESS);
+        match fid {
+            // Number of queues: grant up to the transport's limit.
+            0x07 => {
+                let max = self.subsystem.max_io_qpairs.max(1);
+                if set {
+                    let want = (sqe.cdw(11) & 0xFFFF) + 1;
+                    self.io_queues_granted = want.min(max);
+                }
+                let n = if self.io_queues_granted == 0 {
+                    max
+                } else {
+                    self.io_queues_granted
+                };
+                c.set_dw0((n - 1) | (n - 1) << 16);
+            }
+            0x0B => {
+                if set {
+                    self.async_event_config = sqe.cdw(11);
+                }
+                c.set_dw0(self.async_event_config);
+            }
+            0x0F => {
+                if set {
+                    self.kato_ms = sqe.cdw(11);
+                }
+                c.set_dw0(self.kato_ms);
+            }
+            // Arbitration, power management, temperature, error recovery,
+            // volatile write cache: report defaults, accept and ignore sets.
+            0x01 | 0x02 | 0x04 | 0x05 => {}
+            // Volatile write cache: enabled.
+            0x06 => {
+                c.set_dw0(1);
+            }
+            _ => return reply(cid, Status::generic(sc::INVALID_FIELD).dnr()),
+        }
+        AdminOutcome {
+            cqe: Some(c),
+            data: Vec::new(),
+        }
+    }
+
+    fn log_page(&self, sqe: &Sqe) -> AdminOutcome {
+        let cid = sqe.cid();
+        let lid = (sqe.cdw(10) & 0xFF) as u8;
+        let numd = ((sqe.cdw(10) >> 16) | (sqe.cdw(11) & 0xFFFF) << 16) as usize + 1;
+        let len = (numd * 4).min(1 << 20);
+        match lid {
+            // Error information, SMART / health, firmware slot, changed
+            // namespace list, commands supported: nothing to report.
+            0x01..=0x05 => AdminOutcome {
+                cqe: Some(Cqe::new(cid, Status::SUCCESS)),
+                data: vec![0; len],
+            },
+            _ => reply(cid, Status::generic(sc::INVALID_FIELD).dnr()),
+        }
+    }
+
+    /// One admin command (not fabrics).
+    pub fn admin(&mut self, sqe: &Sqe) -> AdminOutcome {
+        let cid = sqe.cid();
+        if self.csts & csts::RDY == 0 && sqe.opcode() != 0x7F {
+            return reply(cid, Status::generic(sc::COMMAND_SEQUENCE_ERROR));
+        }
+        match sqe.opcode() {
+            0x02 => self.log_page(sqe),
+            0x06 => self.identify(sqe),
+            0x08 => {
+                // Abort: we never find the command in time (DW0 bit 0 = 1).
+                let mut c = Cqe::new(cid, Status::SUCCESS);
+                c.set_dw0(1);
+                AdminOutcome {
+                    cqe: Some(c),
+                    data: Vec::new(),
+                }
+            }
+            0x09 => self.features(sqe, true),
+            0x0A => self.features(sqe, false),
+            0x0C => {
+                if self.pending_aers.len() >= MAX_AERS {
+                    return reply(cid, Status::command_specific(0x05));
+                }
+                self.pending_aers.push(cid);
+                AdminOutcome {
+                    cqe: None,
+                    data: Vec::new(),
+                }
+            }
+            0x18 => reply(cid, Status::SUCCESS),
+            _ => reply(cid, Status::generic(sc::INVALID_OPCODE).dnr()),
+        }
+    }
+
+    /// A fabrics command on the established admin queue.
+    pub fn fabrics(&mut self, sqe: &Sqe) -> AdminOutcome {
+        match sqe.fctype() {
+            fctype::PROPERTY_GET => self.property(sqe, false),
+            fctype::PROPERTY_SET => self.property(sqe, true),
+            _ => reply(sqe.cid(), Status::generic(sc::INVALID_OPCODE).dnr()),
+        }
+    }
+}
