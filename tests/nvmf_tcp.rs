@@ -195,11 +195,68 @@ impl HostQueue {
     }
 }
 
+impl HostQueue {
+    /// A write whose data goes by R2T/H2CData (SGL 0x5A): sends the
+    /// capsule, answers the R2T, returns the CQE.
+    fn write_r2t(&mut self, sqe: [u8; 64], data: &[u8]) -> [u8; 16] {
+        let mut pdu = vec![0u8; 72];
+        pdu[0] = 4;
+        pdu[2] = 72;
+        pdu[4..8].copy_from_slice(&72u32.to_le_bytes());
+        pdu[8..72].copy_from_slice(&sqe);
+        self.s.write_all(&pdu).unwrap();
+        let mut h = [0u8; 24];
+        self.s.read_exact(&mut h).unwrap();
+        assert_eq!(h[0], 0x09, "R2T");
+        let cccid = u16::from_le_bytes(h[8..10].try_into().unwrap());
+        let ttag = u16::from_le_bytes(h[10..12].try_into().unwrap());
+        let r2to = u32::from_le_bytes(h[12..16].try_into().unwrap()) as usize;
+        let r2tl = u32::from_le_bytes(h[16..20].try_into().unwrap()) as usize;
+        assert_eq!(
+            (cccid, r2to, r2tl),
+            (u16::from_le_bytes([sqe[2], sqe[3]]), 0, data.len())
+        );
+        // Two H2CData PDUs, as a host limited by MAXH2CDATA would send.
+        let half = data.len() / 2;
+        for (off, chunk) in [(0, &data[..half]), (half, &data[half..])] {
+            let mut d = vec![0u8; 24 + chunk.len()];
+            d[0] = 0x06;
+            d[1] = if off == half { 0x04 } else { 0 };
+            d[2] = 24;
+            d[3] = 24;
+            d[4..8].copy_from_slice(&((24 + chunk.len()) as u32).to_le_bytes());
+            d[8..10].copy_from_slice(&cccid.to_le_bytes());
+            d[10..12].copy_from_slice(&ttag.to_le_bytes());
+            d[12..16].copy_from_slice(&(off as u32).to_le_bytes());
+            d[16..20].copy_from_slice(&(chunk.len() as u32).to_le_bytes());
+            d[24..].copy_from_slice(chunk);
+            self.s.write_all(&d).unwrap();
+        }
+        self.s.read_exact(&mut h).unwrap();
+        assert_eq!(h[0], 0x05);
+        h[8..24].try_into().unwrap()
+    }
+}
+
+fn rw(opcode: u8, cid: u16, slba: u64, nlb: u16, len: u32, in_capsule: bool) -> [u8; 64] {
+    let mut b = with_sgl(sqe(opcode, cid), len, in_capsule);
+    b[4..8].copy_from_slice(&1u32.to_le_bytes());
+    b[40..48].copy_from_slice(&slba.to_le_bytes());
+    b[48..50].copy_from_slice(&(nlb - 1).to_le_bytes());
+    b
+}
+
 fn sqe(opcode: u8, cid: u16) -> [u8; 64] {
     let mut b = [0u8; 64];
     b[0] = opcode;
     b[1] = 0x40;
     b[2..4].copy_from_slice(&cid.to_le_bytes());
+    b
+}
+
+fn sqe_ns(opcode: u8, cid: u16) -> [u8; 64] {
+    let mut b = sqe(opcode, cid);
+    b[4..8].copy_from_slice(&1u32.to_le_bytes());
     b
 }
 
@@ -321,6 +378,53 @@ fn the_linux_host_connect_sequence_gets_a_working_controller() {
     let mut io = HostQueue::open(port);
     let (_, c) = io.cmd(connect_cmd(1, 127, 0), &connect_data(cntlid, NQN, HOSTNQN));
     assert_eq!(status(&c), (0, 0));
+    // Data: 4 KiB in the capsule, 8 KiB by R2T (above the 4 KiB ICD).
+    let a: Vec<u8> = (0..4096u32).map(|i| (i % 251) as u8).collect();
+    let b: Vec<u8> = (0..8192u32).map(|i| (i % 253) as u8 ^ 0x5a).collect();
+    let (_, c) = io.cmd(rw(0x01, 20, 10, 1, 4096, true), &a);
+    assert_eq!(status(&c), (0, 0), "in-capsule write");
+    let c = io.write_r2t(rw(0x01, 21, 11, 2, 8192, false), &b);
+    assert_eq!(status(&c), (0, 0), "R2T write");
+    let (data, c) = io.cmd(rw(0x02, 22, 10, 3, 12288, false), &[]);
+    assert_eq!(status(&c), (0, 0));
+    assert_eq!(&data[..4096], &a[..]);
+    assert_eq!(&data[4096..], &b[..]);
+    // The bytes are in the bdev itself.
+    let r = t.ok(
+        "bdev_read",
+        json!({"name": "M0", "offset_blocks": 11, "num_blocks": 2}),
+    );
+    assert_eq!(r["data"].as_str().unwrap(), common::hex(&b));
+    // Flush, write zeroes, deallocate.
+    assert_eq!(status(&io.cmd(sqe_ns(0x00, 23), &[]).1), (0, 0));
+    assert_eq!(
+        status(&io.cmd(rw(0x08, 24, 11, 1, 0, false), &[]).1),
+        (0, 0)
+    );
+    let mut dsm = with_sgl(sqe_ns(0x09, 25), 16, true);
+    dsm[44..48].copy_from_slice(&4u32.to_le_bytes()); // AD
+    let mut range = [0u8; 16];
+    range[4..8].copy_from_slice(&1u32.to_le_bytes());
+    range[8..16].copy_from_slice(&12u64.to_le_bytes());
+    assert_eq!(status(&io.cmd(dsm, &range).1), (0, 0));
+    let (data, _) = io.cmd(rw(0x02, 26, 10, 3, 12288, false), &[]);
+    assert_eq!(&data[..4096], &a[..]);
+    assert!(
+        data[4096..].iter().all(|&x| x == 0),
+        "zeroed and deallocated"
+    );
+    // Errors: LBA out of range, unknown namespace, SGL too short.
+    assert_eq!(
+        status(&io.cmd(rw(0x02, 27, 2047, 2, 8192, false), &[]).1),
+        (0, 0x80)
+    );
+    let mut bad_ns = rw(0x02, 28, 0, 1, 4096, false);
+    bad_ns[4..8].copy_from_slice(&9u32.to_le_bytes());
+    assert_eq!(status(&io.cmd(bad_ns, &[]).1), (0, 0x0B));
+    assert_eq!(
+        status(&io.cmd(rw(0x02, 29, 0, 2, 4096, false), &[]).1),
+        (0, 0x0F)
+    );
     // Refusals carry the spec's status and the offending field.
     let mut q = HostQueue::open(port);
     let (_, c) = q.cmd(

@@ -36,9 +36,11 @@ pub struct SubsystemView {
     pub max_io_size: u32,
 }
 
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct NamespaceView {
     pub nsid: u32,
+    /// For I/O queues: the bdev, whose channel on the queue's core serves it.
+    pub bdev: bdev::BdevHandle,
     pub num_blocks: u64,
     pub block_size: u32,
     pub nguid: [u8; 16],
@@ -88,6 +90,7 @@ fn view(t: &Target, nqn: &str) -> Option<SubsystemView> {
             .values()
             .map(|n| NamespaceView {
                 nsid: n.nsid,
+                bdev: n.desc.bdev().clone(),
                 num_blocks: n.desc.bdev().num_blocks(),
                 block_size: n.desc.bdev().block_size(),
                 nguid: n.nguid,

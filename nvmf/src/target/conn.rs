@@ -6,12 +6,14 @@
 //!
 //! Transitional: sockets use glommio's stream API (correct and idle-friendly:
 //! a parked reactor wakes on socket readiness), not yet the batched
-//! non-blocking path DESIGN.md calls for. Served so far: fabrics Connect
-//! (admin and I/O queues), and on the admin queue Property Get/Set and the
-//! admin commands of `admin.rs`; NVM I/O commands come next (they get
-//! Invalid Opcode until then).
+//! non-blocking path DESIGN.md calls for, and a queue runs one command at
+//! a time (commands that arrive during a write's R2T transfer wait their
+//! turn). Served: fabrics Connect (admin and I/O queues), the admin queue's
+//! commands (`admin.rs`), and NVM I/O (`io.rs`) with in-capsule data or
+//! R2T/H2CData for writes and one C2HData per read.
 
 use std::cell::Cell;
+use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, FromRawFd};
 use std::rc::Rc;
@@ -24,8 +26,8 @@ use crate::wire::fabrics::{fctype, ConnectCmd, ConnectData, CONNECT_DATA_BYTES};
 use crate::wire::nvme::{sc, Cqe, Sqe, Status, OPC_FABRICS};
 use crate::wire::pdu::{
     self, check, encode_capsule_resp, encode_term_req, header_digest_ok, CommonHeader, DataHeader,
-    Digests, IcReq, IcResp, PduError, PduType, CH_BYTES, DIGEST_BYTES, IC_BYTES, SHORT_HLEN,
-    TERM_REQ_MAX_DATA,
+    Digests, IcReq, IcResp, PduError, PduLayout, PduType, CH_BYTES, DIGEST_BYTES, IC_BYTES,
+    SHORT_HLEN, TERM_REQ_MAX_DATA,
 };
 
 /// What a queue is, once Connect has run on it.
@@ -33,9 +35,8 @@ enum Queue {
     Unconnected,
     Admin(Box<Controller>),
     Io {
-        #[allow(dead_code)] // I/O commands come next
+        #[allow(dead_code)] // for nvmf_subsystem_get_qpairs, next
         cntlid: u16,
-        #[allow(dead_code)]
         subsystem: SubsystemView,
     },
 }
@@ -203,6 +204,170 @@ async fn terminate(stream: &mut TcpStream, e: PduError, header: &[u8]) -> ConnEr
     ConnError::Pdu(e)
 }
 
+/// Reads and checks the next PDU (header digest included). None at a
+/// clean end of stream.
+async fn next_pdu(
+    stream: &mut TcpStream,
+    digests: Digests,
+) -> Result<Option<(PduLayout, Vec<u8>)>, ConnError> {
+    let mut chb = [0u8; CH_BYTES];
+    if let Err(e) = stream.read_exact(&mut chb).await {
+        return if e.kind() == std::io::ErrorKind::UnexpectedEof {
+            Ok(None)
+        } else {
+            Err(e.into())
+        };
+    }
+    let ch =
+        CommonHeader::parse(&chb).ok_or_else(|| ConnError::Pdu(PduError::field(4, "short")))?;
+    if ch.pdu_type == PduType::IcReq as u8 {
+        let e = PduError::sequence("second ICReq");
+        return Err(terminate(stream, e, &chb).await);
+    }
+    let layout = match check(&ch, true, digests) {
+        Ok(l) => l,
+        Err(e) => return Err(terminate(stream, e, &chb).await),
+    };
+    let mut buf = Vec::with_capacity(layout.plen);
+    buf.extend_from_slice(&chb);
+    buf.resize(layout.plen, 0);
+    stream.read_exact(&mut buf[CH_BYTES..]).await?;
+    if layout.header_digest
+        && !header_digest_ok(
+            &buf[..layout.hlen],
+            &buf[layout.hlen..layout.hlen + DIGEST_BYTES],
+        )
+    {
+        let e = PduError {
+            fes: pdu::fes::HEADER_DIGEST_ERROR,
+            fei: 0,
+            reason: "header digest mismatch",
+        };
+        return Err(terminate(stream, e, &buf[..layout.hlen]).await);
+    }
+    Ok(Some((layout, buf)))
+}
+
+/// Whether a PDU's data digest (if negotiated) matches its data.
+fn data_digest_ok(layout: &PduLayout, buf: &[u8]) -> bool {
+    if !layout.data_digest {
+        return true;
+    }
+    let data = &buf[layout.data_offset..layout.data_offset + layout.data_len];
+    let got = u32::from_le_bytes(
+        buf[layout.plen - 4..layout.plen]
+            .try_into()
+            .unwrap_or([0; 4]),
+    );
+    crate::wire::crc32c_digest(data) == got
+}
+
+/// Asks the host for `len` bytes of command `cid` with one R2T and collects
+/// the H2CData PDUs that answer it. Commands that arrive meanwhile wait in
+/// `pending`. A data PDU out of order ends the connection (FES 4/2).
+async fn receive_h2c(
+    stream: &mut TcpStream,
+    digests: Digests,
+    cid: u16,
+    len: usize,
+    pending: &mut VecDeque<(PduLayout, Vec<u8>)>,
+) -> Result<Option<Vec<u8>>, ConnError> {
+    const TTAG: u16 = 1;
+    let r2t = DataHeader {
+        cccid: cid,
+        ttag: TTAG,
+        offset: 0,
+        length: len as u32,
+    };
+    let mut hdr = [0u8; SHORT_HLEN + DIGEST_BYTES];
+    let n = r2t.encode(&mut hdr, PduType::R2T, 0, digests);
+    stream.write_all(&hdr[..n]).await?;
+    stream.flush().await?;
+    let mut data = Vec::with_capacity(len);
+    let mut digest_ok = true;
+    while data.len() < len {
+        let Some((layout, buf)) = next_pdu(stream, digests).await? else {
+            return Err(ConnError::Io(std::io::ErrorKind::UnexpectedEof.into()));
+        };
+        if layout.pdu_type == PduType::CapsuleCmd {
+            pending.push_back((layout, buf));
+            continue;
+        }
+        if layout.pdu_type != PduType::H2CData {
+            let e = PduError::sequence("unexpected PDU during a data transfer");
+            return Err(terminate(stream, e, &buf[..layout.hlen]).await);
+        }
+        let h = DataHeader::parse(&buf).ok_or(ConnError::Pdu(PduError::field(4, "short")))?;
+        if h.cccid != cid || h.ttag != TTAG {
+            let e = PduError::field(
+                if h.cccid != cid { 8 } else { 10 },
+                "H2CData for another transfer",
+            );
+            return Err(terminate(stream, e, &buf[..layout.hlen]).await);
+        }
+        if h.offset as usize != data.len()
+            || h.length as usize != layout.data_len
+            || data.len() + layout.data_len > len
+        {
+            let e = PduError {
+                fes: pdu::fes::DATA_OUT_OF_RANGE,
+                fei: 0,
+                reason: "H2CData offset or length out of range",
+            };
+            return Err(terminate(stream, e, &buf[..layout.hlen]).await);
+        }
+        digest_ok &= data_digest_ok(&layout, &buf);
+        data.extend_from_slice(&buf[layout.data_offset..layout.data_offset + layout.data_len]);
+    }
+    Ok(digest_ok.then_some(data))
+}
+
+/// One I/O command on an I/O queue.
+async fn io_command(
+    stream: &mut TcpStream,
+    digests: Digests,
+    sqe: &Sqe,
+    in_capsule: &[u8],
+    subsystem: &SubsystemView,
+    pending: &mut VecDeque<(PduLayout, Vec<u8>)>,
+) -> Result<AdminOutcome, ConnError> {
+    let cid = sqe.cid();
+    let status_only = |st: Status| AdminOutcome {
+        cqe: Some(Cqe::new(cid, st)),
+        data: Vec::new(),
+    };
+    let plan = match super::io::plan(sqe, &subsystem.namespaces, subsystem.max_io_size) {
+        Ok(p) => p,
+        Err(st) => return Ok(status_only(st)),
+    };
+    let host_data = match plan.transfer {
+        super::io::Transfer::ToController(len) if !in_capsule.is_empty() => {
+            if in_capsule.len() < len {
+                return Ok(status_only(
+                    Status::generic(sc::DATA_SGL_LENGTH_INVALID).dnr(),
+                ));
+            }
+            in_capsule[..len].to_vec()
+        }
+        super::io::Transfer::ToController(len) => {
+            match receive_h2c(stream, digests, cid, len, pending).await? {
+                Some(d) => d,
+                None => {
+                    return Ok(status_only(Status::generic(
+                        sc::COMMAND_TRANSIENT_TRANSPORT_ERROR,
+                    )))
+                }
+            }
+        }
+        _ => Vec::new(),
+    };
+    let (st, data) = super::io::execute(sqe, &plan, &host_data).await;
+    Ok(AdminOutcome {
+        cqe: Some(Cqe::new(cid, st)),
+        data,
+    })
+}
+
 /// One connection from ICReq to close.
 async fn serve(mut stream: TcpStream, maxh2cdata: u32) -> Result<(), ConnError> {
     let _ = stream.set_nodelay(true);
@@ -234,44 +399,16 @@ async fn serve(mut stream: TcpStream, maxh2cdata: u32) -> Result<(), ConnError> 
     stream.write_all(&out).await?;
     stream.flush().await?;
 
-    let mut buf: Vec<u8> = Vec::with_capacity(8192);
     let mut queue = Queue::Unconnected;
+    let mut pending: VecDeque<(PduLayout, Vec<u8>)> = VecDeque::new();
     loop {
-        let mut chb = [0u8; CH_BYTES];
-        if let Err(e) = stream.read_exact(&mut chb).await {
-            return if e.kind() == std::io::ErrorKind::UnexpectedEof {
-                Ok(())
-            } else {
-                Err(e.into())
-            };
-        }
-        let ch =
-            CommonHeader::parse(&chb).ok_or_else(|| ConnError::Pdu(PduError::field(4, "short")))?;
-        if ch.pdu_type == PduType::IcReq as u8 {
-            let e = PduError::sequence("second ICReq");
-            return Err(terminate(&mut stream, e, &chb).await);
-        }
-        let layout = match check(&ch, true, digests) {
-            Ok(l) => l,
-            Err(e) => return Err(terminate(&mut stream, e, &chb).await),
+        let (layout, buf) = match pending.pop_front() {
+            Some(p) => p,
+            None => match next_pdu(&mut stream, digests).await? {
+                Some(p) => p,
+                None => return Ok(()),
+            },
         };
-        buf.clear();
-        buf.extend_from_slice(&chb);
-        buf.resize(layout.plen, 0);
-        stream.read_exact(&mut buf[CH_BYTES..]).await?;
-        if layout.header_digest
-            && !header_digest_ok(
-                &buf[..layout.hlen],
-                &buf[layout.hlen..layout.hlen + DIGEST_BYTES],
-            )
-        {
-            let e = PduError {
-                fes: pdu::fes::HEADER_DIGEST_ERROR,
-                fei: 0,
-                reason: "header digest mismatch",
-            };
-            return Err(terminate(&mut stream, e, &buf[..layout.hlen]).await);
-        }
         match layout.pdu_type {
             PduType::H2CTermReq => {
                 let (fes, fei) = pdu::parse_term_req(&buf).unwrap_or((0, 0));
@@ -283,13 +420,8 @@ async fn serve(mut stream: TcpStream, maxh2cdata: u32) -> Result<(), ConnError> 
                     continue;
                 };
                 let data = &buf[layout.data_offset..layout.data_offset + layout.data_len];
-                if layout.data_digest {
-                    let got = u32::from_le_bytes(
-                        buf[layout.plen - 4..layout.plen]
-                            .try_into()
-                            .unwrap_or([0; 4]),
-                    );
-                    if crate::wire::crc32c_digest(data) != got {
+                {
+                    if !data_digest_ok(&layout, &buf) {
                         // SPDK: transient transport error, connection kept.
                         let out = AdminOutcome {
                             cqe: Some(Cqe::new(
@@ -318,6 +450,10 @@ async fn serve(mut stream: TcpStream, maxh2cdata: u32) -> Result<(), ConnError> 
                     },
                     Queue::Admin(ctrl) if fabrics => ctrl.fabrics(&sqe),
                     Queue::Admin(ctrl) => ctrl.admin(&sqe),
+                    Queue::Io { subsystem, .. } if !fabrics => {
+                        let (sub, data) = (subsystem.clone(), data.to_vec());
+                        io_command(&mut stream, digests, &sqe, &data, &sub, &mut pending).await?
+                    }
                     Queue::Io { .. } => AdminOutcome {
                         cqe: Some(Cqe::new(
                             sqe.cid(),

@@ -7,5 +7,6 @@
 
 pub mod admin;
 pub mod conn;
+pub mod io;
 pub mod rpc;
 pub mod subsystem;
