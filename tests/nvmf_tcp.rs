@@ -465,3 +465,52 @@ fn the_linux_host_connect_sequence_gets_a_working_controller() {
         "a second controller gets its own cntlid"
     );
 }
+
+#[test]
+fn discovery_lists_the_subsystems_a_host_may_reach() {
+    let (t, port) = target_with_listener();
+    t.ok(
+        "nvmf_create_subsystem",
+        json!({"nqn": "nqn.2016-06.io.spdk:hidden", "allow_any_host": false}),
+    );
+    t.ok(
+        "nvmf_subsystem_add_listener",
+        json!({"nqn": "nqn.2016-06.io.spdk:hidden", "listen_address": {"trtype": "tcp", "traddr": "127.0.0.1", "trsvcid": port.to_string()}}),
+    );
+    let mut q = HostQueue::open(port);
+    let (_, c) = q.cmd(
+        connect_cmd(0, 31, 0),
+        &connect_data(0xFFFF, "nqn.2014-08.org.nvmexpress.discovery", HOSTNQN),
+    );
+    assert_eq!(status(&c), (0, 0));
+    let cc = (6u64 << 16) | (4 << 20) | 1;
+    assert_eq!(
+        status(&q.cmd(property(false, 0x14, false, cc), &[]).1),
+        (0, 0)
+    );
+    // Identify: a discovery controller.
+    let mut id = with_sgl(sqe(0x06, 3), 4096, false);
+    id[40] = 0x01;
+    let (data, _) = q.cmd(id, &[]);
+    assert_eq!(data[111], 2, "CNTRLTYPE discovery");
+    // Header first (as libnvme reads it), then the whole page.
+    let log = |len: u32, cid: u16| {
+        let mut b = with_sgl(sqe(0x02, cid), len, false);
+        b[40] = 0x70;
+        b[42..44].copy_from_slice(&((len / 4 - 1) as u16).to_le_bytes());
+        b
+    };
+    let (hdr, c) = q.cmd(log(1024, 4), &[]);
+    assert_eq!(status(&c), (0, 0));
+    let numrec = u64::from_le_bytes(hdr[8..16].try_into().unwrap());
+    assert_eq!(numrec, 1, "only the subsystem this host may reach");
+    let (page, _) = q.cmd(log(1024 * (1 + numrec as u32), 5), &[]);
+    let e = &page[1024..2048];
+    assert_eq!((e[0], e[1], e[2]), (3, 1, 2));
+    assert_eq!(&e[256..256 + NQN.len()], NQN.as_bytes());
+    assert_eq!(&e[512..521], b"127.0.0.1");
+    assert_eq!(
+        std::str::from_utf8(&e[32..64]).unwrap().trim(),
+        port.to_string()
+    );
+}

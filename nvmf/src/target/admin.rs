@@ -34,6 +34,10 @@ pub struct SubsystemView {
     pub max_io_qpairs: u32,
     pub in_capsule_data_size: u32,
     pub max_io_size: u32,
+    /// Discovery subsystem: what the connecting host may reach, and the
+    /// generation of that information.
+    pub discovery_log: Vec<crate::wire::discovery::DiscoveryEntry>,
+    pub discovery_genctr: u64,
 }
 
 #[derive(Clone, Debug)]
@@ -76,7 +80,33 @@ pub struct ControllerRecord {
     pub io_qpairs: u32,
 }
 
-fn view(t: &Target, nqn: &str) -> Option<SubsystemView> {
+/// The discovery log for `hostnqn`: every port of every NVM subsystem the
+/// host may connect to, then the discovery subsystem's own ports.
+fn discovery_entries(t: &Target, hostnqn: &str) -> Vec<crate::wire::discovery::DiscoveryEntry> {
+    let asqsz = t.transport.as_ref().map_or(128, |tr| tr.max_aq_depth) as u16;
+    let mut out = Vec::new();
+    let subs = t
+        .subsystems
+        .values()
+        .filter(|s| !s.discovery && s.host_allowed(hostnqn))
+        .chain(t.subsystems.values().filter(|s| s.discovery));
+    for s in subs {
+        for (i, l) in s.listeners.iter().enumerate() {
+            out.push(crate::wire::discovery::DiscoveryEntry {
+                ipv6: l.adrfam.eq_ignore_ascii_case("ipv6"),
+                subtype: if s.discovery { 3 } else { 2 },
+                portid: i as u16 + 1,
+                asqsz,
+                trsvcid: l.trsvcid.clone(),
+                traddr: l.traddr.clone(),
+                subnqn: s.nqn.clone(),
+            });
+        }
+    }
+    out
+}
+
+fn view(t: &Target, nqn: &str, hostnqn: &str) -> Option<SubsystemView> {
     let s = t.subsystems.get(nqn)?;
     let tr = t.transport.clone().unwrap_or_default();
     Some(SubsystemView {
@@ -102,6 +132,12 @@ fn view(t: &Target, nqn: &str) -> Option<SubsystemView> {
         max_io_qpairs: tr.max_io_qpairs_per_ctrlr,
         in_capsule_data_size: tr.in_capsule_data_size,
         max_io_size: tr.max_io_size,
+        discovery_log: if s.discovery {
+            discovery_entries(t, hostnqn)
+        } else {
+            Vec::new()
+        },
+        discovery_genctr: t.genctr,
     })
 }
 
@@ -118,7 +154,8 @@ pub fn connect(
                 dw0: 0,
             });
         }
-        let v = view(t, &data.subnqn).ok_or(invalid_param(connect_offset::SUBNQN, true))?;
+        let v = view(t, &data.subnqn, &data.hostnqn)
+            .ok_or(invalid_param(connect_offset::SUBNQN, true))?;
         let allowed = t
             .subsystems
             .get(&data.subnqn)
@@ -419,6 +456,23 @@ impl Controller {
         let lid = (sqe.cdw(10) & 0xFF) as u8;
         let numd = ((sqe.cdw(10) >> 16) | (sqe.cdw(11) & 0xFFFF) << 16) as usize + 1;
         let len = (numd * 4).min(1 << 20);
+        // Log page offset (LPOL/LPOU), in bytes.
+        let offset = (sqe.cdw(12) as u64 | (sqe.cdw(13) as u64) << 32) as usize;
+        if lid == crate::wire::discovery::LOG_DISCOVERY && self.subsystem.discovery {
+            let page = crate::wire::discovery::log_page(
+                self.subsystem.discovery_genctr,
+                &self.subsystem.discovery_log,
+            );
+            let mut data = vec![0u8; len];
+            if offset < page.len() {
+                let n = (page.len() - offset).min(len);
+                data[..n].copy_from_slice(&page[offset..offset + n]);
+            }
+            return AdminOutcome {
+                cqe: Some(Cqe::new(cid, Status::SUCCESS)),
+                data,
+            };
+        }
         match lid {
             // Error information, SMART / health, firmware slot, changed
             // namespace list, commands supported: nothing to report.

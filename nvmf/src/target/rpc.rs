@@ -9,9 +9,9 @@ use bdev::rpc::{RpcError, RpcTable, StateMask};
 use bdev::BdevError;
 
 use super::subsystem::{
-    open_namespace_bdev, parse_hex16, validate_nqn, with_target, ListenAddress, Namespace,
-    Subsystem, TransportOpts, DEFAULT_MAX_CNTLID, DEFAULT_MAX_NAMESPACES, DEFAULT_MIN_CNTLID,
-    DEFAULT_MODEL, DEFAULT_SERIAL, DISCOVERY_NQN,
+    change_target, open_namespace_bdev, parse_hex16, validate_nqn, with_target, ListenAddress,
+    Namespace, Subsystem, TransportOpts, DEFAULT_MAX_CNTLID, DEFAULT_MAX_NAMESPACES,
+    DEFAULT_MIN_CNTLID, DEFAULT_MODEL, DEFAULT_SERIAL, DISCOVERY_NQN,
 };
 
 #[derive(Deserialize)]
@@ -128,7 +128,7 @@ fn create_subsystem(p: CreateSubsystemParams) -> Result<Value, RpcError> {
     if min == 0 || max > DEFAULT_MAX_CNTLID || min > max {
         return Err(invalid(format!("cntlid range {min}..={max} invalid")));
     }
-    with_target(|t| {
+    change_target(|t| {
         if t.subsystems.contains_key(&p.nqn) || t.reserved.contains(&p.nqn) {
             return Err(BdevError::Exists(p.nqn.clone()).into());
         }
@@ -160,7 +160,7 @@ fn delete_subsystem(p: NqnParams) -> Result<Value, RpcError> {
     if p.nqn == DISCOVERY_NQN {
         return Err(invalid("the discovery subsystem cannot be deleted".into()));
     }
-    with_target(|t| {
+    change_target(|t| {
         t.subsystems
             .remove(&p.nqn)
             .ok_or_else(|| BdevError::NoDevice(p.nqn.clone()))?;
@@ -171,7 +171,7 @@ fn delete_subsystem(p: NqnParams) -> Result<Value, RpcError> {
 
 fn add_listener(p: ListenerParams) -> Result<Value, RpcError> {
     let addr = p.listen_address.socket_addr()?;
-    with_target(|t| {
+    change_target(|t| {
         if t.transport.is_none() {
             return Err(invalid(
                 "create the TCP transport first (nvmf_create_transport)".into(),
@@ -189,7 +189,7 @@ fn add_listener(p: ListenerParams) -> Result<Value, RpcError> {
 }
 
 fn remove_listener(p: ListenerParams) -> Result<Value, RpcError> {
-    with_target(|t| {
+    change_target(|t| {
         let s = t.subsystem(&p.nqn)?;
         let before = s.listeners.len();
         s.listeners.retain(|l| l != &p.listen_address);
@@ -268,7 +268,7 @@ fn remove_ns(p: RemoveNsParams) -> Result<Value, RpcError> {
 
 fn add_host(p: HostParams) -> Result<Value, RpcError> {
     validate_nqn(&p.host)?;
-    with_target(|t| {
+    change_target(|t| {
         let s = t.subsystem(&p.nqn)?;
         if s.hosts.contains(&p.host) {
             return Err(BdevError::Exists(p.host.clone()).into());
@@ -279,7 +279,7 @@ fn add_host(p: HostParams) -> Result<Value, RpcError> {
 }
 
 fn remove_host(p: HostParams) -> Result<Value, RpcError> {
-    with_target(|t| {
+    change_target(|t| {
         let s = t.subsystem(&p.nqn)?;
         let before = s.hosts.len();
         s.hosts.retain(|h| h != &p.host);

@@ -300,6 +300,8 @@ pub struct Target {
     /// NQNs whose create is in flight (SPEC §2).
     pub reserved: Vec<String>,
     pub controllers: super::admin::Controllers,
+    /// Discovery log generation: bumped by every change hosts could see.
+    pub genctr: u64,
 }
 
 thread_local! {
@@ -309,6 +311,7 @@ thread_local! {
         sockets: BTreeMap::new(),
         reserved: Vec::new(),
         controllers: Default::default(),
+        genctr: 1,
     });
 }
 
@@ -319,6 +322,14 @@ pub fn with_target<R>(f: impl FnOnce(&mut Target) -> R) -> R {
         "nvmf state is owned by the main reactor"
     );
     TARGET.with(|t| f(&mut t.borrow_mut()))
+}
+
+/// Like [`with_target`], for changes a host could see in the discovery log.
+pub fn change_target<R>(f: impl FnOnce(&mut Target) -> R) -> R {
+    with_target(|t| {
+        t.genctr += 1;
+        f(t)
+    })
 }
 
 impl Target {

@@ -13,6 +13,7 @@
 //! alignment assumptions, sizes checked at compile time.
 
 pub mod digest;
+pub mod discovery;
 pub mod fabrics;
 pub mod identify;
 pub mod nvme;
