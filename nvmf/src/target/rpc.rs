@@ -183,6 +183,21 @@ fn add_listener(p: ListenerParams) -> Result<Value, RpcError> {
         if s.listeners.contains(&p.listen_address) {
             return Err(BdevError::Exists(format!("{} already listens on {addr}", p.nqn)).into());
         }
+        if s.discovery {
+            log::info!(
+                "discovery service on {addr}: nvme discover -t tcp -a {} -s {}",
+                addr.ip(),
+                addr.port()
+            );
+        } else {
+            log::info!(
+                "{} on {addr}: nvme connect -t tcp -a {} -s {} -n {}",
+                p.nqn,
+                addr.ip(),
+                addr.port(),
+                p.nqn
+            );
+        }
         s.listeners.push(p.listen_address);
         Ok(json!(true))
     })
