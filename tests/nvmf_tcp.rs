@@ -514,3 +514,44 @@ fn discovery_lists_the_subsystems_a_host_may_reach() {
         port.to_string()
     );
 }
+
+/// SPEC §3: a host that goes silent loses its controller after its
+/// keep-alive timeout, so reconnecting is never blocked by stale state.
+#[test]
+fn a_silent_host_is_disconnected_after_its_keep_alive_timeout() {
+    let (_t, port) = target_with_listener();
+    let mut admin = HostQueue::open(port);
+    let (_, c) = admin.cmd(
+        connect_cmd(0, 31, 1000),
+        &connect_data(0xFFFF, NQN, HOSTNQN),
+    );
+    assert_eq!(status(&c), (0, 0));
+    let cntlid = dw0(&c) as u16;
+    // Keep alives keep it.
+    let cc = (6u64 << 16) | (4 << 20) | 1;
+    admin.cmd(property(false, 0x14, false, cc), &[]);
+    for i in 0..3 {
+        std::thread::sleep(Duration::from_millis(500));
+        assert_eq!(status(&admin.cmd(sqe(0x18, 40 + i), &[]).1), (0, 0));
+    }
+    // Then silence: closed within KATO (1 s) plus slack.
+    let start = std::time::Instant::now();
+    let mut b = [0u8; 1];
+    assert_eq!(
+        admin.s.read(&mut b).unwrap_or(0),
+        0,
+        "target closed the admin queue"
+    );
+    let waited = start.elapsed();
+    assert!(
+        waited >= Duration::from_millis(900) && waited < Duration::from_secs(5),
+        "{waited:?}"
+    );
+    // The controller is gone: an I/O queue cannot join it...
+    let mut q = HostQueue::open(port);
+    let (_, c) = q.cmd(connect_cmd(1, 127, 0), &connect_data(cntlid, NQN, HOSTNQN));
+    assert_eq!(status(&c), (1, 0x82));
+    // ...and the same host connects again at once.
+    let (_, c) = q.cmd(connect_cmd(0, 31, 0), &connect_data(0xFFFF, NQN, HOSTNQN));
+    assert_eq!(status(&c), (0, 0));
+}

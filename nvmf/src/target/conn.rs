@@ -368,6 +368,21 @@ async fn io_command(
     })
 }
 
+/// Discovery controllers without a KATO are still reaped (as SPDK does),
+/// after this long.
+const DISCOVERY_DEFAULT_KATO_MS: u32 = 120_000;
+
+/// How long an admin queue may be silent: KATO rounded up to the keep-alive
+/// granularity we advertise (1 s); none when KATO is 0 (except discovery).
+fn keep_alive_timeout(kato_ms: u32, discovery: bool) -> std::time::Duration {
+    let kato = match (kato_ms, discovery) {
+        (0, true) => DISCOVERY_DEFAULT_KATO_MS,
+        (0, false) => return std::time::Duration::from_secs(365 * 24 * 3600),
+        (k, _) => k,
+    };
+    std::time::Duration::from_millis(kato.div_ceil(1000) as u64 * 1000)
+}
+
 /// One connection from ICReq to close.
 async fn serve(mut stream: TcpStream, maxh2cdata: u32) -> Result<(), ConnError> {
     let _ = stream.set_nodelay(true);
@@ -402,11 +417,30 @@ async fn serve(mut stream: TcpStream, maxh2cdata: u32) -> Result<(), ConnError> 
     let mut queue = Queue::Unconnected;
     let mut pending: VecDeque<(PduLayout, Vec<u8>)> = VecDeque::new();
     loop {
+        // Keep alive (SPEC §3): an admin queue silent for longer than its
+        // KATO loses its controller, so the host can connect again at once.
+        let kato = match &queue {
+            Queue::Admin(c) => Some(keep_alive_timeout(c.kato_ms, c.subsystem.discovery)),
+            _ => None,
+        };
+        let _ = stream.set_read_timeout(kato);
         let (layout, buf) = match pending.pop_front() {
             Some(p) => p,
-            None => match next_pdu(&mut stream, digests).await? {
-                Some(p) => p,
-                None => return Ok(()),
+            None => match next_pdu(&mut stream, digests).await {
+                Ok(Some(p)) => p,
+                Ok(None) => return Ok(()),
+                Err(ConnError::Io(e)) if e.kind() == std::io::ErrorKind::TimedOut => {
+                    if let Queue::Admin(c) = &queue {
+                        log::warn!(
+                            "controller {} of {}: keep alive timeout ({} ms), disconnecting",
+                            c.cntlid,
+                            c.subsystem.nqn,
+                            c.kato_ms
+                        );
+                    }
+                    return Ok(());
+                }
+                Err(e) => return Err(e),
             },
         };
         match layout.pdu_type {
