@@ -10,7 +10,7 @@ use std::net::TcpStream;
 use std::time::Duration;
 
 use common::Target;
-use serde_json::json;
+use serde_json::{json, Value};
 
 const NQN: &str = "nqn.2016-06.io.spdk:cnode1";
 
@@ -378,6 +378,21 @@ fn the_linux_host_connect_sequence_gets_a_working_controller() {
     let mut io = HostQueue::open(port);
     let (_, c) = io.cmd(connect_cmd(1, 127, 0), &connect_data(cntlid, NQN, HOSTNQN));
     assert_eq!(status(&c), (0, 0));
+    // The RPCs see the controller and both queue pairs.
+    let ctrls = t.ok("nvmf_subsystem_get_controllers", json!({"nqn": NQN}));
+    assert_eq!(ctrls[0]["cntlid"], cntlid);
+    assert_eq!(ctrls[0]["hostnqn"], HOSTNQN);
+    assert_eq!(ctrls[0]["num_io_qpairs"], 1);
+    let qps = t.ok("nvmf_subsystem_get_qpairs", json!({"nqn": NQN}));
+    let qids: Vec<u64> = qps
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|q| q["qid"].as_u64().unwrap())
+        .collect();
+    assert_eq!(qids, [0, 1]);
+    assert_eq!(qps[0]["listen_address"]["trsvcid"], port.to_string());
+    assert_eq!(qps[0]["state"], "enabled");
     // Data: 4 KiB in the capsule, 8 KiB by R2T (above the 4 KiB ICD).
     let a: Vec<u8> = (0..4096u32).map(|i| (i % 251) as u8).collect();
     let b: Vec<u8> = (0..8192u32).map(|i| (i % 253) as u8 ^ 0x5a).collect();
@@ -425,6 +440,14 @@ fn the_linux_host_connect_sequence_gets_a_working_controller() {
         status(&io.cmd(rw(0x02, 29, 0, 2, 4096, false), &[]).1),
         (0, 0x0F)
     );
+    let stats = t.ok("nvmf_get_stats", Value::Null);
+    let done: u64 = stats["poll_groups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|g| g["completed_nvme_io"].as_u64().unwrap())
+        .sum();
+    assert_eq!(done, 10, "{stats}");
     // Refusals carry the spec's status and the offending field.
     let mut q = HostQueue::open(port);
     let (_, c) = q.cmd(

@@ -70,6 +70,9 @@ fn invalid_param(ipo: u16, in_data: bool) -> ConnectRefusal {
 pub struct Controllers {
     pub live: BTreeMap<u16, ControllerRecord>,
     next: u16,
+    pub qpairs: BTreeMap<u64, QpairRecord>,
+    next_qpair: u64,
+    pub stats: BTreeMap<u32, PollGroupStats>,
 }
 
 #[derive(Clone, Debug)]
@@ -228,6 +231,55 @@ pub fn connect(
 /// Forgets a controller whose admin queue went away (main reactor).
 pub fn destroy(cntlid: u16) {
     with_target(|t| t.controllers.live.remove(&cntlid));
+}
+
+/// A connected queue pair, for `nvmf_subsystem_get_qpairs`.
+#[derive(Clone, Debug)]
+pub struct QpairRecord {
+    pub cntlid: u16,
+    pub qid: u16,
+    pub subnqn: String,
+    pub hostnqn: String,
+    pub core: u32,
+    pub listen: std::net::SocketAddr,
+    pub peer: std::net::SocketAddr,
+}
+
+/// Records a queue pair that Connect bound (main reactor); returns its id.
+pub fn qpair_connected(rec: QpairRecord) -> u64 {
+    with_target(|t| {
+        let q = &mut t.controllers;
+        q.next_qpair += 1;
+        let stats = q.stats.entry(rec.core).or_default();
+        if rec.qid == 0 {
+            stats.admin_qpairs += 1;
+        } else {
+            stats.io_qpairs += 1;
+        }
+        q.qpairs.insert(q.next_qpair, rec);
+        q.next_qpair
+    })
+}
+
+/// Forgets a queue pair that closed (main reactor).
+pub fn qpair_closed(id: u64) {
+    with_target(|t| {
+        let c = &mut t.controllers;
+        if let Some(q) = c.qpairs.remove(&id) {
+            if q.qid != 0 {
+                if let Some(r) = c.live.get_mut(&q.cntlid) {
+                    r.io_qpairs = r.io_qpairs.saturating_sub(1);
+                }
+            }
+        }
+    })
+}
+
+/// Queue pairs ever connected per core (`nvmf_get_stats`).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct PollGroupStats {
+    pub admin_qpairs: u64,
+    pub io_qpairs: u64,
 }
 
 /// An admin queue's controller.

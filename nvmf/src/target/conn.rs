@@ -33,21 +33,47 @@ use crate::wire::pdu::{
 /// What a queue is, once Connect has run on it.
 enum Queue {
     Unconnected,
-    Admin(Box<Controller>),
+    Admin(Box<Controller>, u64),
     Io {
-        #[allow(dead_code)] // for nvmf_subsystem_get_qpairs, next
-        cntlid: u16,
         subsystem: SubsystemView,
+        qpair_id: u64,
     },
 }
 
 impl Drop for Queue {
     fn drop(&mut self) {
-        if let Queue::Admin(c) = self {
-            let cntlid = c.cntlid;
-            reactor::send(reactor::main_core(), move || admin::destroy(cntlid));
+        match self {
+            Queue::Admin(c, id) => {
+                let (cntlid, id) = (c.cntlid, *id);
+                reactor::send(reactor::main_core(), move || {
+                    admin::qpair_closed(id);
+                    admin::destroy(cntlid)
+                });
+            }
+            Queue::Io { qpair_id, .. } => {
+                let id = *qpair_id;
+                reactor::send(reactor::main_core(), move || admin::qpair_closed(id));
+            }
+            Queue::Unconnected => {}
         }
     }
+}
+
+thread_local! {
+    /// NVM commands completed on this core (`nvmf_get_stats`).
+    static COMPLETED_NVME_IO: Cell<u64> = const { Cell::new(0) };
+}
+
+/// This core's count of completed NVM commands.
+pub fn completed_nvme_io() -> u64 {
+    COMPLETED_NVME_IO.with(|c| c.get())
+}
+
+/// The two ends of a connection, for queue pair records.
+#[derive(Clone, Copy)]
+struct Ends {
+    listen: std::net::SocketAddr,
+    peer: std::net::SocketAddr,
 }
 
 /// Sends `data` (if any, cut to what the SGL asked) as one C2HData, then
@@ -83,7 +109,7 @@ async fn respond(
 }
 
 /// Runs a fabrics Connect on an unconnected queue.
-async fn connect(queue: &mut Queue, sqe: &Sqe, data: &[u8]) -> AdminOutcome {
+async fn connect(queue: &mut Queue, sqe: &Sqe, data: &[u8], ends: Ends) -> AdminOutcome {
     let cid = sqe.cid();
     let fail = |status: Status, dw0: u32| {
         let mut c = Cqe::new(cid, status);
@@ -107,15 +133,33 @@ async fn connect(queue: &mut Queue, sqe: &Sqe, data: &[u8]) -> AdminOutcome {
             )
         }
     };
-    let result = reactor::call(reactor::main_core(), move || admin::connect(&cmd, &cdata)).await;
+    let core = reactor::current_core().0;
+    let result = reactor::call(reactor::main_core(), move || {
+        admin::connect(&cmd, &cdata).map(|(cntlid, view)| {
+            let id = admin::qpair_connected(admin::QpairRecord {
+                cntlid,
+                qid: cmd.qid,
+                subnqn: cdata.subnqn.clone(),
+                hostnqn: cdata.hostnqn.clone(),
+                core,
+                listen: ends.listen,
+                peer: ends.peer,
+            });
+            (cntlid, view, id)
+        })
+    })
+    .await;
     match result {
-        Ok(Ok((cntlid, view))) => {
+        Ok(Ok((cntlid, view, qpair_id))) => {
             *queue = if cmd.qid == 0 {
-                Queue::Admin(Box::new(Controller::new(cntlid, view, cmd.kato_ms)))
+                Queue::Admin(
+                    Box::new(Controller::new(cntlid, view, cmd.kato_ms)),
+                    qpair_id,
+                )
             } else {
                 Queue::Io {
-                    cntlid,
                     subsystem: view,
+                    qpair_id,
                 }
             };
             let mut c = Cqe::new(cid, Status::SUCCESS);
@@ -332,6 +376,8 @@ async fn io_command(
     pending: &mut VecDeque<(PduLayout, Vec<u8>)>,
 ) -> Result<AdminOutcome, ConnError> {
     let cid = sqe.cid();
+    // Every NVM command gets a completion, failed or not.
+    COMPLETED_NVME_IO.with(|c| c.set(c.get() + 1));
     let status_only = |st: Status| AdminOutcome {
         cqe: Some(Cqe::new(cid, st)),
         data: Vec::new(),
@@ -386,6 +432,11 @@ fn keep_alive_timeout(kato_ms: u32, discovery: bool) -> std::time::Duration {
 /// One connection from ICReq to close.
 async fn serve(mut stream: TcpStream, maxh2cdata: u32) -> Result<(), ConnError> {
     let _ = stream.set_nodelay(true);
+    let unspecified = std::net::SocketAddr::from(([0, 0, 0, 0], 0));
+    let ends = Ends {
+        listen: stream.local_addr().unwrap_or(unspecified),
+        peer: stream.peer_addr().unwrap_or(unspecified),
+    };
     // Connection initialisation: the first PDU must be an ICReq.
     let mut ic = [0u8; IC_BYTES];
     stream.read_exact(&mut ic[..CH_BYTES]).await?;
@@ -420,7 +471,7 @@ async fn serve(mut stream: TcpStream, maxh2cdata: u32) -> Result<(), ConnError> 
         // Keep alive (SPEC §3): an admin queue silent for longer than its
         // KATO loses its controller, so the host can connect again at once.
         let kato = match &queue {
-            Queue::Admin(c) => Some(keep_alive_timeout(c.kato_ms, c.subsystem.discovery)),
+            Queue::Admin(c, _) => Some(keep_alive_timeout(c.kato_ms, c.subsystem.discovery)),
             _ => None,
         };
         let _ = stream.set_read_timeout(kato);
@@ -430,7 +481,7 @@ async fn serve(mut stream: TcpStream, maxh2cdata: u32) -> Result<(), ConnError> 
                 Ok(Some(p)) => p,
                 Ok(None) => return Ok(()),
                 Err(ConnError::Io(e)) if e.kind() == std::io::ErrorKind::TimedOut => {
-                    if let Queue::Admin(c) = &queue {
+                    if let Queue::Admin(c, _) = &queue {
                         log::warn!(
                             "controller {} of {}: keep alive timeout ({} ms), disconnecting",
                             c.cntlid,
@@ -472,7 +523,7 @@ async fn serve(mut stream: TcpStream, maxh2cdata: u32) -> Result<(), ConnError> 
                 let out = match &mut queue {
                     Queue::Unconnected if fabrics && sqe.fctype() == fctype::CONNECT => {
                         let data = data.to_vec();
-                        connect(&mut queue, &sqe, &data).await
+                        connect(&mut queue, &sqe, &data, ends).await
                     }
                     // Nothing but Connect before a controller exists.
                     Queue::Unconnected => AdminOutcome {
@@ -482,8 +533,8 @@ async fn serve(mut stream: TcpStream, maxh2cdata: u32) -> Result<(), ConnError> 
                         )),
                         data: Vec::new(),
                     },
-                    Queue::Admin(ctrl) if fabrics => ctrl.fabrics(&sqe),
-                    Queue::Admin(ctrl) => ctrl.admin(&sqe),
+                    Queue::Admin(ctrl, _) if fabrics => ctrl.fabrics(&sqe),
+                    Queue::Admin(ctrl, _) => ctrl.admin(&sqe),
                     Queue::Io { subsystem, .. } if !fabrics => {
                         let (sub, data) = (subsystem.clone(), data.to_vec());
                         io_command(&mut stream, digests, &sqe, &data, &sub, &mut pending).await?

@@ -342,6 +342,74 @@ pub fn subsystem_config() -> Value {
     })
 }
 
+fn address_json(a: &std::net::SocketAddr) -> Value {
+    json!({"trtype": "TCP", "adrfam": if a.is_ipv4() { "IPv4" } else { "IPv6" },
+           "traddr": a.ip().to_string(), "trsvcid": a.port().to_string()})
+}
+
+fn hostid_string(id: &[u8; 16]) -> String {
+    Uuid::from_bytes(*id).hyphenated().to_string()
+}
+
+fn get_controllers(p: NqnParams) -> Result<Value, RpcError> {
+    with_target(|t| {
+        t.subsystem(&p.nqn)?;
+        Ok(json!(t
+            .controllers
+            .live
+            .iter()
+            .filter(|(_, r)| r.subnqn == p.nqn)
+            .map(|(cntlid, r)| json!({"cntlid": cntlid, "hostnqn": r.hostnqn,
+                "hostid": hostid_string(&r.hostid), "num_io_qpairs": r.io_qpairs}))
+            .collect::<Vec<_>>()))
+    })
+}
+
+fn get_qpairs(p: NqnParams) -> Result<Value, RpcError> {
+    with_target(|t| {
+        t.subsystem(&p.nqn)?;
+        Ok(json!(t
+            .controllers
+            .qpairs
+            .values()
+            .filter(|q| q.subnqn == p.nqn)
+            .map(
+                |q| json!({"cntlid": q.cntlid, "qid": q.qid, "state": "enabled",
+                "thread": format!("nvmf_tgt_poll_group_{:03}", q.core),
+                "hostnqn": q.hostnqn, "listen_address": address_json(&q.listen),
+                "peer_address": address_json(&q.peer)})
+            )
+            .collect::<Vec<_>>()))
+    })
+}
+
+async fn get_stats() -> Result<Value, RpcError> {
+    let completed =
+        reactor::for_each_core(|| (reactor::current_core().0, super::conn::completed_nvme_io()))
+            .await;
+    let groups = with_target(|t| {
+        completed
+            .iter()
+            .map(|(core, done)| {
+                let c = &t.controllers;
+                let total = c.stats.get(core).copied().unwrap_or_default();
+                let current = |admin: bool| {
+                    c.qpairs
+                        .values()
+                        .filter(|q| q.core == *core && (q.qid == 0) == admin)
+                        .count()
+                };
+                json!({"name": format!("nvmf_tgt_poll_group_{core:03}"),
+                       "admin_qpairs": total.admin_qpairs, "io_qpairs": total.io_qpairs,
+                       "current_admin_qpairs": current(true), "current_io_qpairs": current(false),
+                       "pending_bdev_io": 0, "completed_nvme_io": done,
+                       "transports": [{"trtype": "TCP"}]})
+            })
+            .collect::<Vec<_>>()
+    });
+    Ok(json!({"tick_rate": reactor::ticks::tick_rate(), "poll_groups": groups}))
+}
+
 pub fn register(table: &mut RpcTable) {
     let m = StateMask::RUNTIME;
     table.register_with(
@@ -411,6 +479,15 @@ pub fn register(table: &mut RpcTable) {
     table.register_with("nvmf_subsystem_add_ns", m, |p: AddNsParams| async move {
         add_ns(p)
     });
+    table.register_with(
+        "nvmf_subsystem_get_controllers",
+        m,
+        |p: NqnParams| async move { get_controllers(p) },
+    );
+    table.register_with("nvmf_subsystem_get_qpairs", m, |p: NqnParams| async move {
+        get_qpairs(p)
+    });
+    table.register("nvmf_get_stats", m, |_p| get_stats());
     table.register_with(
         "nvmf_subsystem_remove_ns",
         m,
