@@ -578,3 +578,73 @@ fn a_silent_host_is_disconnected_after_its_keep_alive_timeout() {
     let (_, c) = q.cmd(connect_cmd(0, 31, 0), &connect_data(0xFFFF, NQN, HOSTNQN));
     assert_eq!(status(&c), (0, 0));
 }
+
+/// Adding a namespace answers a held AER with the namespace attribute
+/// notice; the controller and existing I/O queues then see the namespace.
+#[test]
+fn a_new_namespace_is_announced_and_usable_at_once() {
+    let (t, port) = target_with_listener();
+    t.ok(
+        "bdev_malloc_create",
+        json!({"name": "M0", "num_blocks": 256, "block_size": 4096}),
+    );
+    t.ok(
+        "bdev_malloc_create",
+        json!({"name": "M1", "num_blocks": 512, "block_size": 4096}),
+    );
+    t.ok(
+        "nvmf_subsystem_add_ns",
+        json!({"nqn": NQN, "namespace": {"bdev_name": "M0"}}),
+    );
+    let mut admin = HostQueue::open(port);
+    let (_, c) = admin.cmd(connect_cmd(0, 31, 0), &connect_data(0xFFFF, NQN, HOSTNQN));
+    let cntlid = dw0(&c) as u16;
+    let cc = (6u64 << 16) | (4 << 20) | 1;
+    admin.cmd(property(false, 0x14, false, cc), &[]);
+    let mut io = HostQueue::open(port);
+    let (_, c) = io.cmd(connect_cmd(1, 127, 0), &connect_data(cntlid, NQN, HOSTNQN));
+    assert_eq!(status(&c), (0, 0));
+    // The host leaves an AER outstanding: no answer yet.
+    let mut aer = [0u8; 72];
+    aer[0] = 4;
+    aer[2] = 72;
+    aer[4] = 72;
+    aer[8..72].copy_from_slice(&sqe(0x0C, 77));
+    admin.s.write_all(&aer).unwrap();
+    admin
+        .s
+        .set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    let mut h = [0u8; 24];
+    assert!(
+        admin.s.read_exact(&mut h).is_err(),
+        "AER answered too early"
+    );
+    admin
+        .s
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    // A namespace arrives: the AER completes with the notice.
+    assert_eq!(
+        t.ok(
+            "nvmf_subsystem_add_ns",
+            json!({"nqn": NQN, "namespace": {"bdev_name": "M1"}})
+        ),
+        json!(2)
+    );
+    admin.s.read_exact(&mut h).unwrap();
+    assert_eq!(h[0], 0x05);
+    let cqe: [u8; 16] = h[8..24].try_into().unwrap();
+    assert_eq!(u16::from_le_bytes([cqe[12], cqe[13]]), 77);
+    assert_eq!(dw0(&cqe), 0x0004_0002);
+    // Identify sees it, and the existing I/O queue can use it.
+    let mut list = with_sgl(sqe(0x06, 78), 4096, false);
+    list[40] = 0x02;
+    let (data, _) = admin.cmd(list, &[]);
+    assert_eq!(u32::from_le_bytes(data[4..8].try_into().unwrap()), 2);
+    let mut r = rw(0x02, 79, 511, 1, 4096, false);
+    r[4..8].copy_from_slice(&2u32.to_le_bytes());
+    let (data, c) = io.cmd(r, &[]);
+    assert_eq!(status(&c), (0, 0));
+    assert_eq!(data.len(), 4096);
+}

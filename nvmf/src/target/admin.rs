@@ -38,6 +38,8 @@ pub struct SubsystemView {
     /// generation of that information.
     pub discovery_log: Vec<crate::wire::discovery::DiscoveryEntry>,
     pub discovery_genctr: u64,
+    /// The subsystem's namespace generation this view was taken at.
+    pub ns_generation: u64,
 }
 
 #[derive(Clone, Debug)]
@@ -75,12 +77,13 @@ pub struct Controllers {
     pub stats: BTreeMap<u32, PollGroupStats>,
 }
 
-#[derive(Clone, Debug)]
 pub struct ControllerRecord {
     pub subnqn: String,
     pub hostnqn: String,
     pub hostid: [u8; 16],
     pub io_qpairs: u32,
+    /// Fired on a namespace change while the admin queue holds an AER.
+    pub aen_waiter: Option<reactor::CompletionSender<()>>,
 }
 
 /// The discovery log for `hostnqn`: every port of every NVM subsystem the
@@ -135,6 +138,7 @@ fn view(t: &Target, nqn: &str, hostnqn: &str) -> Option<SubsystemView> {
         max_io_qpairs: tr.max_io_qpairs_per_ctrlr,
         in_capsule_data_size: tr.in_capsule_data_size,
         max_io_size: tr.max_io_size,
+        ns_generation: s.ns_generation,
         discovery_log: if s.discovery {
             discovery_entries(t, hostnqn)
         } else {
@@ -207,6 +211,7 @@ pub fn connect(
                     hostnqn: data.hostnqn.clone(),
                     hostid: data.hostid,
                     io_qpairs: 0,
+                    aen_waiter: None,
                 },
             );
             Ok((c, v))
@@ -227,6 +232,35 @@ pub fn connect(
         }
     })
 }
+
+/// The current view of `nqn` for `hostnqn` (main reactor).
+pub fn current_view(nqn: &str, hostnqn: &str) -> Option<SubsystemView> {
+    with_target(|t| view(t, nqn, hostnqn))
+}
+
+/// For an admin queue holding AERs: the new view if the namespaces changed
+/// since `seen`, else an event fired at the next change (main reactor).
+pub fn watch_namespaces(
+    cntlid: u16,
+    nqn: &str,
+    hostnqn: &str,
+    seen: u64,
+) -> Result<SubsystemView, Option<reactor::CompletionEvent<()>>> {
+    with_target(|t| {
+        let current = t.subsystems.get(nqn).map(|s| s.ns_generation);
+        if current.is_some_and(|g| g != seen) {
+            return view(t, nqn, hostnqn).ok_or(None);
+        }
+        let rec = t.controllers.live.get_mut(&cntlid).ok_or(None)?;
+        let (tx, rx) = reactor::completion();
+        rec.aen_waiter = Some(tx);
+        Err(Some(rx))
+    })
+}
+
+/// CQE DW0 of the namespace attribute changed notice: type Notice (2),
+/// info 0, log page 04h (changed namespace list).
+pub const AEN_NS_ATTRIBUTE_CHANGED: u32 = 0x0004_0002;
 
 /// Forgets a controller whose admin queue went away (main reactor).
 pub fn destroy(cntlid: u16) {
@@ -285,6 +319,7 @@ pub struct PollGroupStats {
 /// An admin queue's controller.
 pub struct Controller {
     pub cntlid: u16,
+    pub hostnqn: String,
     pub subsystem: SubsystemView,
     pub kato_ms: u32,
     pub cc: Cc,
@@ -316,9 +351,10 @@ fn reply(cid: u16, status: Status) -> AdminOutcome {
 }
 
 impl Controller {
-    pub fn new(cntlid: u16, subsystem: SubsystemView, kato_ms: u32) -> Controller {
+    pub fn new(cntlid: u16, hostnqn: String, subsystem: SubsystemView, kato_ms: u32) -> Controller {
         Controller {
             cntlid,
+            hostnqn,
             subsystem,
             kato_ms,
             cc: Cc(0),
@@ -534,6 +570,14 @@ impl Controller {
             },
             _ => reply(cid, Status::generic(sc::INVALID_FIELD).dnr()),
         }
+    }
+
+    /// Takes a held AER to answer with `dw0`, if the host left one.
+    pub fn complete_aer(&mut self, dw0: u32) -> Option<Cqe> {
+        let cid = self.pending_aers.pop()?;
+        let mut c = Cqe::new(cid, Status::SUCCESS);
+        c.set_dw0(dw0);
+        Some(c)
     }
 
     /// One admin command (not fabrics).

@@ -36,6 +36,7 @@ enum Queue {
     Admin(Box<Controller>, u64),
     Io {
         subsystem: SubsystemView,
+        hostnqn: String,
         qpair_id: u64,
     },
 }
@@ -134,6 +135,7 @@ async fn connect(queue: &mut Queue, sqe: &Sqe, data: &[u8], ends: Ends) -> Admin
         }
     };
     let core = reactor::current_core().0;
+    let hostnqn = cdata.hostnqn.clone();
     let result = reactor::call(reactor::main_core(), move || {
         admin::connect(&cmd, &cdata).map(|(cntlid, view)| {
             let id = admin::qpair_connected(admin::QpairRecord {
@@ -153,12 +155,13 @@ async fn connect(queue: &mut Queue, sqe: &Sqe, data: &[u8], ends: Ends) -> Admin
         Ok(Ok((cntlid, view, qpair_id))) => {
             *queue = if cmd.qid == 0 {
                 Queue::Admin(
-                    Box::new(Controller::new(cntlid, view, cmd.kato_ms)),
+                    Box::new(Controller::new(cntlid, hostnqn, view, cmd.kato_ms)),
                     qpair_id,
                 )
             } else {
                 Queue::Io {
                     subsystem: view,
+                    hostnqn,
                     qpair_id,
                 }
             };
@@ -414,6 +417,60 @@ async fn io_command(
     })
 }
 
+/// While the host holds an AER: waits for the next command or a namespace
+/// change, whichever comes first. On a change, refreshes the controller's
+/// view and answers one AER with the namespace attribute notice; returns
+/// whether it did.
+async fn notice_namespace_change(
+    stream: &mut TcpStream,
+    digests: Digests,
+    c: &mut Controller,
+) -> Result<bool, ConnError> {
+    let (cntlid, nqn, host, seen) = (
+        c.cntlid,
+        c.subsystem.nqn.clone(),
+        c.hostnqn.clone(),
+        c.subsystem.ns_generation,
+    );
+    let watch = reactor::call(reactor::main_core(), move || {
+        admin::watch_namespaces(cntlid, &nqn, &host, seen)
+    })
+    .await;
+    let changed = match watch {
+        Ok(Ok(view)) => Some(view),
+        Ok(Err(Some(rx))) => {
+            let woke = futures_lite::future::or(async { rx.await.is_ok() }, async {
+                let mut b = [0u8; 1];
+                let _ = stream.peek(&mut b).await;
+                false
+            })
+            .await;
+            if !woke {
+                return Ok(false);
+            }
+            let (nqn, host) = (c.subsystem.nqn.clone(), c.hostnqn.clone());
+            reactor::call(reactor::main_core(), move || {
+                admin::current_view(&nqn, &host)
+            })
+            .await
+            .ok()
+            .flatten()
+        }
+        _ => None,
+    };
+    let Some(view) = changed else {
+        return Ok(false);
+    };
+    c.subsystem = view;
+    if let Some(cqe) = c.complete_aer(admin::AEN_NS_ATTRIBUTE_CHANGED) {
+        let mut rsp = [0u8; SHORT_HLEN + DIGEST_BYTES];
+        let n = encode_capsule_resp(&mut rsp, &cqe, digests);
+        stream.write_all(&rsp[..n]).await?;
+        stream.flush().await?;
+    }
+    Ok(true)
+}
+
 /// Discovery controllers without a KATO are still reaped (as SPDK does),
 /// after this long.
 const DISCOVERY_DEFAULT_KATO_MS: u32 = 120_000;
@@ -475,6 +532,15 @@ async fn serve(mut stream: TcpStream, maxh2cdata: u32) -> Result<(), ConnError> 
             _ => None,
         };
         let _ = stream.set_read_timeout(kato);
+        if pending.is_empty() {
+            if let Queue::Admin(c, _) = &mut queue {
+                if !c.pending_aers.is_empty()
+                    && notice_namespace_change(&mut stream, digests, c).await?
+                {
+                    continue;
+                }
+            }
+        }
         let (layout, buf) = match pending.pop_front() {
             Some(p) => p,
             None => match next_pdu(&mut stream, digests).await {
@@ -535,7 +601,20 @@ async fn serve(mut stream: TcpStream, maxh2cdata: u32) -> Result<(), ConnError> 
                     },
                     Queue::Admin(ctrl, _) if fabrics => ctrl.fabrics(&sqe),
                     Queue::Admin(ctrl, _) => ctrl.admin(&sqe),
-                    Queue::Io { subsystem, .. } if !fabrics => {
+                    Queue::Io {
+                        subsystem, hostnqn, ..
+                    } if !fabrics => {
+                        // A namespace added since Connect: refresh the view.
+                        if !subsystem.namespaces.iter().any(|n| n.nsid == sqe.nsid()) {
+                            let (nqn, host) = (subsystem.nqn.clone(), hostnqn.clone());
+                            if let Ok(Some(v)) = reactor::call(reactor::main_core(), move || {
+                                admin::current_view(&nqn, &host)
+                            })
+                            .await
+                            {
+                                *subsystem = v;
+                            }
+                        }
                         let (sub, data) = (subsystem.clone(), data.to_vec());
                         io_command(&mut stream, digests, &sqe, &data, &sub, &mut pending).await?
                     }

@@ -150,6 +150,7 @@ fn create_subsystem(p: CreateSubsystemParams) -> Result<Value, RpcError> {
                 hosts: Vec::new(),
                 listeners: Vec::new(),
                 namespaces: Default::default(),
+                ns_generation: 0,
             },
         );
         Ok(json!(true))
@@ -267,6 +268,7 @@ fn add_ns(p: AddNsParams) -> Result<Value, RpcError> {
                 desc,
             },
         );
+        t.namespaces_changed(&p.nqn);
         Ok(json!(nsid))
     })
 }
@@ -277,6 +279,7 @@ fn remove_ns(p: RemoveNsParams) -> Result<Value, RpcError> {
             .namespaces
             .remove(&p.nsid)
             .ok_or_else(|| BdevError::NoDevice(format!("nsid {}", p.nsid)))?;
+        t.namespaces_changed(&p.nqn);
         Ok(json!(true))
     })
 }

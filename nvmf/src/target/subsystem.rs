@@ -182,6 +182,8 @@ pub struct Subsystem {
     pub hosts: Vec<String>,
     pub listeners: Vec<ListenAddress>,
     pub namespaces: BTreeMap<u32, Namespace>,
+    /// Bumped whenever a namespace is added or removed.
+    pub ns_generation: u64,
 }
 
 impl Subsystem {
@@ -198,6 +200,7 @@ impl Subsystem {
             hosts: Vec::new(),
             listeners: Vec::new(),
             namespaces: BTreeMap::new(),
+            ns_generation: 0,
         }
     }
 
@@ -366,6 +369,24 @@ impl Target {
         Ok(())
     }
 
+    /// Records a namespace change in `nqn` and wakes the admin queues
+    /// waiting to send the namespace attribute notice.
+    pub fn namespaces_changed(&mut self, nqn: &str) {
+        if let Some(s) = self.subsystems.get_mut(nqn) {
+            s.ns_generation += 1;
+        }
+        for r in self
+            .controllers
+            .live
+            .values_mut()
+            .filter(|r| r.subnqn == nqn)
+        {
+            if let Some(w) = r.aen_waiter.take() {
+                w.complete(());
+            }
+        }
+    }
+
     /// Releases `addr` if no subsystem listens on it any more.
     pub fn release_unused(&mut self) {
         let used: Vec<SocketAddr> = self
@@ -387,7 +408,11 @@ pub fn open_namespace_bdev(nqn: &str, nsid: u32, bdev_name: &str) -> Result<Desc
         true,
         Some(Box::new(move || {
             log::warn!("bdev {name} removed: removing namespace {nsid} of {nqn}");
-            let _ = with_target(|t| t.subsystem(&nqn).map(|s| s.namespaces.remove(&nsid)));
+            let _ = with_target(|t| {
+                t.subsystem(&nqn).map(|s| s.namespaces.remove(&nsid))?;
+                t.namespaces_changed(&nqn);
+                Ok::<(), BdevError>(())
+            });
         })),
     )
 }
