@@ -448,6 +448,21 @@ fn the_linux_host_connect_sequence_gets_a_working_controller() {
         .map(|g| g["completed_nvme_io"].as_u64().unwrap())
         .sum();
     assert_eq!(done, 10, "{stats}");
+    // A subsystem is reachable only on its own listeners.
+    t.ok(
+        "nvmf_create_subsystem",
+        json!({"nqn": "nqn.2016-06.io.spdk:elsewhere", "allow_any_host": true}),
+    );
+    let mut q = HostQueue::open(port);
+    let (_, c) = q.cmd(
+        connect_cmd(0, 31, 0),
+        &connect_data(0xFFFF, "nqn.2016-06.io.spdk:elsewhere", HOSTNQN),
+    );
+    assert_eq!(
+        (status(&c), dw0(&c)),
+        ((1, 0x82), 0x1_0100),
+        "not listening here"
+    );
     // Refusals carry the spec's status and the offending field.
     let mut q = HostQueue::open(port);
     let (_, c) = q.cmd(

@@ -153,6 +153,7 @@ fn view(t: &Target, nqn: &str, hostnqn: &str) -> Option<SubsystemView> {
 pub fn connect(
     cmd: &ConnectCmd,
     data: &ConnectData,
+    local: std::net::SocketAddr,
 ) -> Result<(u16, SubsystemView), ConnectRefusal> {
     with_target(|t| {
         if cmd.recfmt != 0 {
@@ -163,6 +164,20 @@ pub fn connect(
         }
         let v = view(t, &data.subnqn, &data.hostnqn)
             .ok_or(invalid_param(connect_offset::SUBNQN, true))?;
+        // An NVM subsystem is reachable only where it listens (SPDK's rule);
+        // the discovery service answers on every port.
+        let listens_here = t.subsystems.get(&data.subnqn).is_some_and(|s| {
+            s.discovery
+                || s.listeners.iter().any(|l| {
+                    l.socket_addr().is_ok_and(|a| {
+                        a.port() == local.port()
+                            && (a.ip() == local.ip() || a.ip().is_unspecified())
+                    })
+                })
+        });
+        if !listens_here {
+            return Err(invalid_param(connect_offset::SUBNQN, true));
+        }
         let allowed = t
             .subsystems
             .get(&data.subnqn)

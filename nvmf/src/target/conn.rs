@@ -137,7 +137,7 @@ async fn connect(queue: &mut Queue, sqe: &Sqe, data: &[u8], ends: Ends) -> Admin
     let core = reactor::current_core().0;
     let hostnqn = cdata.hostnqn.clone();
     let result = reactor::call(reactor::main_core(), move || {
-        admin::connect(&cmd, &cdata).map(|(cntlid, view)| {
+        admin::connect(&cmd, &cdata, ends.listen).map(|(cntlid, view)| {
             let id = admin::qpair_connected(admin::QpairRecord {
                 cntlid,
                 qid: cmd.qid,
