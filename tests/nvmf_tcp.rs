@@ -663,3 +663,36 @@ fn a_new_namespace_is_announced_and_usable_at_once() {
     assert_eq!(status(&c), (0, 0));
     assert_eq!(data.len(), 4096);
 }
+
+/// SPEC §3: when a controller goes (its admin queue closed), its I/O
+/// queues are closed too, so no state of the old association lingers.
+#[test]
+fn closing_the_admin_queue_closes_the_controllers_io_queues() {
+    let (t, port) = target_with_listener();
+    let mut admin = HostQueue::open(port);
+    let (_, c) = admin.cmd(connect_cmd(0, 31, 0), &connect_data(0xFFFF, NQN, HOSTNQN));
+    let cntlid = dw0(&c) as u16;
+    let mut io = HostQueue::open(port);
+    let (_, c) = io.cmd(connect_cmd(1, 127, 0), &connect_data(cntlid, NQN, HOSTNQN));
+    assert_eq!(status(&c), (0, 0));
+    drop(admin);
+    io.s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut b = [0u8; 1];
+    assert_eq!(
+        io.s.read(&mut b).unwrap_or(0),
+        0,
+        "I/O queue closed by the target"
+    );
+    for _ in 0..100 {
+        let q = t.ok("nvmf_subsystem_get_qpairs", json!({"nqn": NQN}));
+        if q.as_array().unwrap().is_empty() {
+            assert_eq!(
+                t.ok("nvmf_subsystem_get_controllers", json!({"nqn": NQN})),
+                json!([])
+            );
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    panic!("queue pairs left behind");
+}

@@ -277,9 +277,23 @@ pub fn watch_namespaces(
 /// info 0, log page 04h (changed namespace list).
 pub const AEN_NS_ATTRIBUTE_CHANGED: u32 = 0x0004_0002;
 
-/// Forgets a controller whose admin queue went away (main reactor).
+/// Forgets a controller whose admin queue went away and closes its I/O
+/// queues (main reactor), so nothing of it outlives the association.
 pub fn destroy(cntlid: u16) {
-    with_target(|t| t.controllers.live.remove(&cntlid));
+    let io: Vec<(u64, u32)> = with_target(|t| {
+        t.controllers.live.remove(&cntlid);
+        t.controllers
+            .qpairs
+            .iter()
+            .filter(|(_, q)| q.cntlid == cntlid && q.qid != 0)
+            .map(|(id, q)| (*id, q.core))
+            .collect()
+    });
+    for (id, core) in io {
+        reactor::send(reactor::CoreId(core), move || {
+            super::conn::shutdown_qpair(id)
+        });
+    }
 }
 
 /// A connected queue pair, for `nvmf_subsystem_get_qpairs`.

@@ -43,6 +43,13 @@ enum Queue {
 
 impl Drop for Queue {
     fn drop(&mut self) {
+        let id = match self {
+            Queue::Admin(_, id) | Queue::Io { qpair_id: id, .. } => Some(*id),
+            Queue::Unconnected => None,
+        };
+        if let Some(id) = id {
+            LIVE_QPAIRS.with(|m| m.borrow_mut().remove(&id));
+        }
         match self {
             Queue::Admin(c, id) => {
                 let (cntlid, id) = (c.cntlid, *id);
@@ -63,6 +70,21 @@ impl Drop for Queue {
 thread_local! {
     /// NVM commands completed on this core (`nvmf_get_stats`).
     static COMPLETED_NVME_IO: Cell<u64> = const { Cell::new(0) };
+    /// Sockets of this core's connected queue pairs, by qpair id: lets the
+    /// controller's teardown close them. An entry is removed before its
+    /// socket closes, on this core, so a stale id never reaches a reused fd.
+    static LIVE_QPAIRS: std::cell::RefCell<std::collections::HashMap<u64, std::os::fd::RawFd>> =
+        std::cell::RefCell::new(std::collections::HashMap::new());
+}
+
+/// Shuts down queue pair `id`'s socket if it is still open on this core;
+/// its connection task then sees the end of the stream and closes.
+pub fn shutdown_qpair(id: u64) {
+    if let Some(fd) = LIVE_QPAIRS.with(|m| m.borrow().get(&id).copied()) {
+        // SAFETY: fd is open (its entry is removed before it closes) and
+        // owned by this core's connection task.
+        unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
+    }
 }
 
 /// This core's count of completed NVM commands.
@@ -110,7 +132,13 @@ async fn respond(
 }
 
 /// Runs a fabrics Connect on an unconnected queue.
-async fn connect(queue: &mut Queue, sqe: &Sqe, data: &[u8], ends: Ends) -> AdminOutcome {
+async fn connect(
+    queue: &mut Queue,
+    sqe: &Sqe,
+    data: &[u8],
+    ends: Ends,
+    fd: std::os::fd::RawFd,
+) -> AdminOutcome {
     let cid = sqe.cid();
     let fail = |status: Status, dw0: u32| {
         let mut c = Cqe::new(cid, status);
@@ -153,6 +181,7 @@ async fn connect(queue: &mut Queue, sqe: &Sqe, data: &[u8], ends: Ends) -> Admin
     .await;
     match result {
         Ok(Ok((cntlid, view, qpair_id))) => {
+            LIVE_QPAIRS.with(|m| m.borrow_mut().insert(qpair_id, fd));
             *queue = if cmd.qid == 0 {
                 Queue::Admin(
                     Box::new(Controller::new(cntlid, hostnqn, view, cmd.kato_ms)),
@@ -589,7 +618,7 @@ async fn serve(mut stream: TcpStream, maxh2cdata: u32) -> Result<(), ConnError> 
                 let out = match &mut queue {
                     Queue::Unconnected if fabrics && sqe.fctype() == fctype::CONNECT => {
                         let data = data.to_vec();
-                        connect(&mut queue, &sqe, &data, ends).await
+                        connect(&mut queue, &sqe, &data, ends, stream.as_raw_fd()).await
                     }
                     // Nothing but Connect before a controller exists.
                     Queue::Unconnected => AdminOutcome {
