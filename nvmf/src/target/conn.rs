@@ -181,6 +181,14 @@ async fn connect(
     .await;
     match result {
         Ok(Ok((cntlid, view, qpair_id))) => {
+            log::debug!(
+                "NVMe/TCP {}: Connect qid {} sqsize {} kato {} ms to {} -> cntlid {cntlid}",
+                ends.peer,
+                cmd.qid,
+                cmd.sqsize,
+                cmd.kato_ms,
+                view.nqn
+            );
             LIVE_QPAIRS.with(|m| m.borrow_mut().insert(qpair_id, fd));
             *queue = if cmd.qid == 0 {
                 Queue::Admin(
@@ -201,7 +209,16 @@ async fn connect(
                 data: Vec::new(),
             }
         }
-        Ok(Err(r)) => fail(r.status, r.dw0),
+        Ok(Err(r)) => {
+            log::info!(
+                "NVMe/TCP {}: Connect qid {} refused: {:?} (dw0 {:#x})",
+                ends.peer,
+                cmd.qid,
+                r.status,
+                r.dw0
+            );
+            fail(r.status, r.dw0)
+        }
         Err(_) => fail(Status::generic(sc::INTERNAL_ERROR), 0),
     }
 }
@@ -540,6 +557,15 @@ async fn serve(mut stream: TcpStream, maxh2cdata: u32) -> Result<(), ConnError> 
         Err(e) => return Err(terminate(&mut stream, e, &ic).await),
     };
     let digests = req.digests;
+    log::debug!(
+        "NVMe/TCP {} -> {}: ICReq (hpda {}, maxr2t {}), digests header {} data {}",
+        ends.peer,
+        ends.listen,
+        req.hpda,
+        req.maxr2t,
+        digests.header,
+        digests.data
+    );
     let resp = IcResp {
         pfv: 0,
         cpda: 0,
