@@ -4,6 +4,7 @@
 //! fabrics and identify structures, shared by target and initiator;
 //! `target` the NVMe/TCP target (control plane so far).
 
+pub mod initiator;
 pub mod target;
 pub mod wire;
 
