@@ -119,7 +119,7 @@ fn run(a: Args) -> Result<(), String> {
         return Err(format!("namespace {} is not active", a.nsid));
     }
     let bs = 1u32 << lbads;
-    if a.io_size == 0 || a.io_size % bs != 0 {
+    if a.io_size == 0 || !a.io_size.is_multiple_of(bs) {
         return Err(format!(
             "-o {} is not a multiple of the block size {bs}",
             a.io_size
