@@ -423,6 +423,10 @@ impl Reactor {
             if park {
                 self.park().await;
             } else {
+                // glommio looks at I/O only between task-queue runs; this
+                // loop keeps its queue busy, so poll it here (socket
+                // readiness, timers) rather than wait for the preempt tick.
+                glommio::executor().poll_io();
                 futures_lite::future::yield_now().await;
             }
         }

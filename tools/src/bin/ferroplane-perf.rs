@@ -127,8 +127,8 @@ fn run(a: Args) -> Result<(), String> {
     }
     let nlb = a.io_size / bs;
     let qd = a.queue_depth.max(1);
-    let mut io =
-        HostQueue::connect(addr, &nqn, hostnqn, 1, admin.cntlid, qd, digests).map_err(e)?;
+    let mut io = HostQueue::connect(addr, &nqn, hostnqn, 1, admin.cntlid, qd.max(2) - 1, digests)
+        .map_err(e)?;
     let (random, reads_pct) = match a.workload.as_str() {
         "read" => (false, 100),
         "randread" => (true, 100),

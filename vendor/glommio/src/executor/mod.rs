@@ -2208,6 +2208,15 @@ impl ExecutorProxy {
         }
     }
 
+    /// Ferroplane patch: polls I/O completions, expired timers and wakes
+    /// from other executors now, without sleeping, waking the tasks they
+    /// concern. A task that keeps its task queue busy (a polled-mode loop)
+    /// otherwise delays socket readiness until the preempt timer fires.
+    /// Returns whether anything was woken.
+    pub fn poll_io(&self) -> bool {
+        self.reactor().spin_poll_io().unwrap_or(false)
+    }
+
     #[inline(always)]
     pub(crate) fn reactor(&self) -> Rc<reactor::Reactor> {
         #[cfg(not(feature = "native-tls"))]
