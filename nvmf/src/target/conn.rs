@@ -109,6 +109,9 @@ async fn respond(
 ) -> std::io::Result<()> {
     let Some(cqe) = out.cqe else { return Ok(()) };
     let len = out.data.len().min(sqe.sgl().length() as usize);
+    // One write for the whole response: C2HData header, data, digest, and
+    // the CapsuleResp.
+    let mut wire = Vec::with_capacity(2 * (SHORT_HLEN + DIGEST_BYTES) + len + DIGEST_BYTES);
     if len > 0 {
         let h = DataHeader {
             cccid: sqe.cid(),
@@ -118,16 +121,17 @@ async fn respond(
         };
         let mut hdr = [0u8; SHORT_HLEN + DIGEST_BYTES];
         let n = h.encode(&mut hdr, PduType::C2HData, pdu::flags::LAST_PDU, digests);
-        stream.write_all(&hdr[..n]).await?;
-        stream.write_all(&out.data[..len]).await?;
+        wire.extend_from_slice(&hdr[..n]);
+        wire.extend_from_slice(&out.data[..len]);
         if digests.data {
             let d = crate::wire::crc32c_digest(&out.data[..len]);
-            stream.write_all(&d.to_le_bytes()).await?;
+            wire.extend_from_slice(&d.to_le_bytes());
         }
     }
     let mut rsp = [0u8; SHORT_HLEN + DIGEST_BYTES];
     let n = encode_capsule_resp(&mut rsp, &cqe, digests);
-    stream.write_all(&rsp[..n]).await?;
+    wire.extend_from_slice(&rsp[..n]);
+    stream.write_all(&wire).await?;
     stream.flush().await
 }
 
