@@ -60,6 +60,19 @@ pub struct BdevProps {
     pub aliases: Vec<String>,
 }
 
+impl BdevProps {
+    /// Props with no extra aliases (the UUID alias is added at register).
+    pub fn new(name: impl Into<String>, uuid: Uuid, block_size: u32, num_blocks: u64) -> BdevProps {
+        BdevProps {
+            name: name.into(),
+            uuid,
+            block_size,
+            num_blocks,
+            aliases: Vec::new(),
+        }
+    }
+}
+
 pub(crate) struct BdevShared {
     pub(crate) id: u64,
     pub(crate) props: BdevProps,

@@ -507,6 +507,23 @@ fn close(desc_id: u64) {
     wake_all(waiters);
 }
 
+/// Opens and claims `base` for the virtual bdev `vbdev` of `module`; when
+/// the base goes away, `vbdev` is unregistered with it (SPDK's hot-remove
+/// cascade for delay, error, ...).
+pub fn open_base(base: &str, vbdev: &str, module: &'static str) -> Result<Descriptor> {
+    let vbdev = vbdev.to_string();
+    let on_remove = Box::new(move || {
+        reactor::spawn_local(async move {
+            if let Err(e) = unregister(&vbdev, Some(module)).await {
+                log::debug!("{module} bdev {vbdev}: base removed, unregister: {e}");
+            }
+        })
+    });
+    let desc = open(base, true, Some(on_remove))?;
+    desc.claim(module)?;
+    Ok(desc)
+}
+
 /// Opens a visible bdev by name, alias or UUID.
 pub fn open(name: &str, write: bool, on_remove: Option<RemoveCallback>) -> Result<Descriptor> {
     let bdev = lookup(name).ok_or_else(|| BdevError::NoDevice(name.to_string()))?;

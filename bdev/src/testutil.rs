@@ -41,8 +41,12 @@ where
     assert_eq!(rt.join(), 0, "a reactor panicked");
 }
 
-pub async fn malloc(name: &str, num_blocks: u64, block_size: u32) -> crate::BdevHandle {
-    crate::module::malloc::rpc::create(crate::module::malloc::rpc::CreateParams {
+pub fn malloc_params(
+    name: &str,
+    num_blocks: u64,
+    block_size: u32,
+) -> crate::module::malloc::rpc::CreateParams {
+    crate::module::malloc::rpc::CreateParams {
         name: Some(name.to_string()),
         uuid: None,
         num_blocks,
@@ -55,8 +59,12 @@ pub async fn malloc(name: &str, num_blocks: u64, block_size: u32) -> crate::Bdev
         dif_is_head_of_md: false,
         dif_pi_format: 0,
         numa_id: None,
-    })
-    .await
-    .expect("malloc create");
+    }
+}
+
+pub async fn malloc(name: &str, num_blocks: u64, block_size: u32) -> crate::BdevHandle {
+    crate::module::malloc::rpc::create(malloc_params(name, num_blocks, block_size))
+        .await
+        .expect("malloc create");
     crate::registry::lookup(name).expect("registered")
 }

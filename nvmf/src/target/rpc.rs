@@ -9,8 +9,8 @@ use bdev::rpc::{RpcError, RpcTable, StateMask};
 use bdev::BdevError;
 
 use super::subsystem::{
-    change_target, open_namespace_bdev, parse_hex16, validate_nqn, with_target, ListenAddress,
-    Namespace, Subsystem, TransportOpts, DEFAULT_MAX_CNTLID, DEFAULT_MAX_NAMESPACES,
+    change_target, open_namespace_bdev, parse_hex16, validate_nqn, with_target, BoundListener,
+    ListenAddress, Namespace, Subsystem, TransportOpts, DEFAULT_MAX_CNTLID, DEFAULT_MAX_NAMESPACES,
     DEFAULT_MIN_CNTLID, DEFAULT_MODEL, DEFAULT_SERIAL, DISCOVERY_NQN,
 };
 
@@ -157,17 +157,26 @@ fn create_subsystem(p: CreateSubsystemParams) -> Result<Value, RpcError> {
     })
 }
 
-fn delete_subsystem(p: NqnParams) -> Result<Value, RpcError> {
+/// Closes the listeners a change left unused before the RPC answers, so
+/// the port is free by then.
+async fn close_released(released: Vec<BoundListener>) -> Result<Value, RpcError> {
+    for l in released {
+        l.close().await;
+    }
+    Ok(json!(true))
+}
+
+async fn delete_subsystem(p: NqnParams) -> Result<Value, RpcError> {
     if p.nqn == DISCOVERY_NQN {
         return Err(invalid("the discovery subsystem cannot be deleted".into()));
     }
-    change_target(|t| {
+    let released = change_target(|t| {
         t.subsystems
             .remove(&p.nqn)
             .ok_or_else(|| BdevError::NoDevice(p.nqn.clone()))?;
-        t.release_unused();
-        Ok(json!(true))
-    })
+        Ok::<_, RpcError>(t.release_unused())
+    })?;
+    close_released(released).await
 }
 
 fn add_listener(p: ListenerParams) -> Result<Value, RpcError> {
@@ -204,17 +213,17 @@ fn add_listener(p: ListenerParams) -> Result<Value, RpcError> {
     })
 }
 
-fn remove_listener(p: ListenerParams) -> Result<Value, RpcError> {
-    change_target(|t| {
+async fn remove_listener(p: ListenerParams) -> Result<Value, RpcError> {
+    let released = change_target(|t| {
         let s = t.subsystem(&p.nqn)?;
         let before = s.listeners.len();
         s.listeners.retain(|l| l != &p.listen_address);
         if s.listeners.len() == before {
             return Err(BdevError::NotFound(format!("{} does not listen there", p.nqn)).into());
         }
-        t.release_unused();
-        Ok(json!(true))
-    })
+        Ok::<_, RpcError>(t.release_unused())
+    })?;
+    close_released(released).await
 }
 
 fn add_ns(p: AddNsParams) -> Result<Value, RpcError> {
@@ -447,9 +456,7 @@ pub fn register(table: &mut RpcTable) {
         m,
         |p: CreateSubsystemParams| async move { create_subsystem(p) },
     );
-    table.register_with("nvmf_delete_subsystem", m, |p: NqnParams| async move {
-        delete_subsystem(p)
-    });
+    table.register_with("nvmf_delete_subsystem", m, delete_subsystem);
     table.register("nvmf_get_subsystems", m, |_p| async move {
         Ok(with_target(|t| {
             Value::Array(t.subsystems.values().map(|s| s.to_json()).collect())
@@ -460,11 +467,7 @@ pub fn register(table: &mut RpcTable) {
         m,
         |p: ListenerParams| async move { add_listener(p) },
     );
-    table.register_with(
-        "nvmf_subsystem_remove_listener",
-        m,
-        |p: ListenerParams| async move { remove_listener(p) },
-    );
+    table.register_with("nvmf_subsystem_remove_listener", m, remove_listener);
     table.register_with(
         "nvmf_subsystem_get_listeners",
         m,

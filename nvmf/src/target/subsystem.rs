@@ -284,12 +284,25 @@ pub fn validate_nqn(nqn: &str) -> Result<(), BdevError> {
 
 pub struct BoundListener {
     pub socket: TcpListener,
-    pub acceptor: glommio::task::JoinHandle<()>,
+    acceptor: Option<glommio::task::JoinHandle<()>>,
+}
+
+impl BoundListener {
+    /// Stops accepting and waits until the acceptor (which owns a copy of
+    /// the socket) is gone, so the port is free when this returns.
+    pub async fn close(mut self) {
+        if let Some(a) = self.acceptor.take() {
+            a.cancel();
+            a.await;
+        }
+    }
 }
 
 impl Drop for BoundListener {
     fn drop(&mut self) {
-        self.acceptor.cancel();
+        if let Some(a) = &self.acceptor {
+            a.cancel();
+        }
     }
 }
 
@@ -363,7 +376,7 @@ impl Target {
             addr,
             BoundListener {
                 socket: l,
-                acceptor,
+                acceptor: Some(acceptor),
             },
         );
         Ok(())
@@ -387,15 +400,25 @@ impl Target {
         }
     }
 
-    /// Releases `addr` if no subsystem listens on it any more.
-    pub fn release_unused(&mut self) {
+    /// Takes out the bound addresses no subsystem listens on any more; the
+    /// caller closes them ([`BoundListener::close`]).
+    pub fn release_unused(&mut self) -> Vec<BoundListener> {
         let used: Vec<SocketAddr> = self
             .subsystems
             .values()
             .flat_map(|s| s.listeners.iter())
             .filter_map(|l| l.socket_addr().ok())
             .collect();
-        self.sockets.retain(|a, _| used.contains(a));
+        let unused: Vec<SocketAddr> = self
+            .sockets
+            .keys()
+            .filter(|a| !used.contains(a))
+            .copied()
+            .collect();
+        unused
+            .iter()
+            .filter_map(|a| self.sockets.remove(a))
+            .collect()
     }
 }
 

@@ -8,22 +8,12 @@ pub fn crc32c_digest(bytes: &[u8]) -> u32 {
     crc32c::crc32c(bytes)
 }
 
-/// The digest of data that arrives in pieces (a PDU's data split across
-/// receive buffers).
-#[inline]
-pub fn crc32c_digest_append(prev: u32, bytes: &[u8]) -> u32 {
-    crc32c::crc32c_append(prev, bytes)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn matches_the_crc32c_check_value_and_appends() {
+    fn matches_the_crc32c_check_value() {
         assert_eq!(crc32c_digest(b"123456789"), 0xE306_9283);
-        let whole = crc32c_digest(b"hello, nvme/tcp");
-        let parts = crc32c_digest_append(crc32c_digest(b"hello, "), b"nvme/tcp");
-        assert_eq!(whole, parts);
     }
 }

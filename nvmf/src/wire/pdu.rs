@@ -221,6 +221,19 @@ pub struct PduLayout {
 }
 
 impl PduLayout {
+    /// A PDU without data: header (and header digest) only.
+    fn header_only(pdu_type: PduType, header_digest: bool, plen: usize) -> PduLayout {
+        PduLayout {
+            pdu_type,
+            hlen: pdu_type.hlen(),
+            header_digest,
+            data_offset: plen,
+            data_len: 0,
+            data_digest: false,
+            plen,
+        }
+    }
+
     /// Bytes to read before the data: header, header digest, padding.
     pub fn header_bytes(&self) -> usize {
         if self.data_len == 0 {
@@ -256,15 +269,7 @@ pub fn check(ch: &CommonHeader, from_host: bool, digests: Digests) -> Result<Pdu
             if pdo != 0 {
                 return Err(PduError::field(3, "ICReq/ICResp PDO must be 0"));
             }
-            return Ok(PduLayout {
-                pdu_type: t,
-                hlen,
-                header_digest: false,
-                data_offset: plen,
-                data_len: 0,
-                data_digest: false,
-                plen,
-            });
+            return Ok(PduLayout::header_only(t, false, plen));
         }
         PduType::H2CTermReq | PduType::C2HTermReq => {
             if !(SHORT_HLEN..=SHORT_HLEN + TERM_REQ_MAX_DATA).contains(&plen) {
@@ -295,15 +300,7 @@ pub fn check(ch: &CommonHeader, from_host: bool, digests: Digests) -> Result<Pdu
         if matches!(t, PduType::H2CData | PduType::C2HData) {
             return Err(PduError::field(4, "data PDU without data"));
         }
-        return Ok(PduLayout {
-            pdu_type: t,
-            hlen,
-            header_digest: hd != 0,
-            data_offset: plen,
-            data_len: 0,
-            data_digest: false,
-            plen,
-        });
+        return Ok(PduLayout::header_only(t, hd != 0, plen));
     }
     if !t.may_carry_data() {
         return Err(PduError::field(4, "PDU length longer than its header"));
@@ -324,6 +321,19 @@ pub fn check(ch: &CommonHeader, from_host: bool, digests: Digests) -> Result<Pdu
         data_digest: dd != 0,
         plen,
     })
+}
+
+/// Zeroes `b` and writes an ICReq/ICResp common header (hlen = plen = 128).
+fn start_ic(b: &mut [u8; IC_BYTES], t: PduType) {
+    b.fill(0);
+    CommonHeader {
+        pdu_type: t as u8,
+        flags: 0,
+        hlen: IC_BYTES as u8,
+        pdo: 0,
+        plen: IC_BYTES as u32,
+    }
+    .write(b);
 }
 
 /// ICReq (3.6.2.2).
@@ -359,15 +369,7 @@ impl IcReq {
     }
 
     pub fn encode(&self, b: &mut [u8; IC_BYTES]) {
-        b.fill(0);
-        CommonHeader {
-            pdu_type: PduType::IcReq as u8,
-            flags: 0,
-            hlen: IC_BYTES as u8,
-            pdo: 0,
-            plen: IC_BYTES as u32,
-        }
-        .write(b);
+        start_ic(b, PduType::IcReq);
         put16(b, 8, self.pfv);
         b[10] = self.hpda;
         b[11] = self.digests.bits();
@@ -410,15 +412,7 @@ impl IcResp {
     }
 
     pub fn encode(&self, b: &mut [u8; IC_BYTES]) {
-        b.fill(0);
-        CommonHeader {
-            pdu_type: PduType::IcResp as u8,
-            flags: 0,
-            hlen: IC_BYTES as u8,
-            pdo: 0,
-            plen: IC_BYTES as u32,
-        }
-        .write(b);
+        start_ic(b, PduType::IcResp);
         put16(b, 8, self.pfv);
         b[10] = self.cpda;
         b[11] = self.digests.bits();

@@ -98,10 +98,6 @@ impl DelayBdev {
         &self.latencies
     }
 
-    pub fn base_name(&self) -> &str {
-        &self.base_name
-    }
-
     fn params_json(&self) -> Value {
         let l = &self.latencies;
         json!({

@@ -44,16 +44,7 @@ pub async fn create(o: DelayOptions) -> Result<String> {
         ));
     }
     let reservation = registry::reserve(&o.name)?;
-    let name = o.name.clone();
-    let on_remove = Box::new(move || {
-        reactor::spawn_local(async move {
-            if let Err(e) = registry::unregister(&name, Some(MODULE)).await {
-                log::debug!("delay {name}: base removed, unregister: {e}");
-            }
-        })
-    });
-    let desc = registry::open(&o.base_bdev_name, true, Some(on_remove))?;
-    desc.claim(MODULE)?;
+    let desc = registry::open_base(&o.base_bdev_name, &o.name, MODULE)?;
     let base = desc.bdev().clone();
     let uuid = o.uuid.unwrap_or_else(Uuid::new_v4);
     let bdev = DelayBdev {
@@ -69,13 +60,7 @@ pub async fn create(o: DelayOptions) -> Result<String> {
             o.p99_write_latency,
         )),
     };
-    let props = BdevProps {
-        name: o.name,
-        uuid,
-        block_size: base.block_size(),
-        num_blocks: base.num_blocks(),
-        aliases: Vec::new(),
-    };
+    let props = BdevProps::new(o.name, uuid, base.block_size(), base.num_blocks());
     let handle = registry::register(reservation, props, Box::new(bdev)).await?;
     Ok(handle.name().to_string())
 }

@@ -149,7 +149,6 @@ impl ErrorRules {
 }
 
 pub struct ErrorBdev {
-    name: String,
     base_name: String,
     /// Only written to the config when the user gave it, as SPDK does.
     uuid_given: Option<Uuid>,
@@ -207,12 +206,6 @@ impl Bdev for ErrorBdev {
             d.take();
         }
         Box::pin(async {})
-    }
-}
-
-impl ErrorBdev {
-    pub fn name(&self) -> &str {
-        &self.name
     }
 }
 

@@ -50,26 +50,11 @@ fn one() -> u32 {
 pub async fn create(o: ErrorOptions) -> Result<String> {
     let name = format!("EE_{}", o.base_name);
     let reservation = registry::reserve(&name)?;
-    let cb_name = name.clone();
-    let on_remove = Box::new(move || {
-        reactor::spawn_local(async move {
-            if let Err(e) = registry::unregister(&cb_name, Some(MODULE)).await {
-                log::debug!("error bdev {cb_name}: base removed, unregister: {e}");
-            }
-        })
-    });
-    let desc = registry::open(&o.base_name, true, Some(on_remove))?;
-    desc.claim(MODULE)?;
+    let desc = registry::open_base(&o.base_name, &name, MODULE)?;
     let base = desc.bdev().clone();
-    let props = BdevProps {
-        name: name.clone(),
-        uuid: o.uuid.unwrap_or_else(|| derived_uuid(base.uuid())),
-        block_size: base.block_size(),
-        num_blocks: base.num_blocks(),
-        aliases: Vec::new(),
-    };
+    let uuid = o.uuid.unwrap_or_else(|| derived_uuid(base.uuid()));
+    let props = BdevProps::new(name, uuid, base.block_size(), base.num_blocks());
     let bdev = ErrorBdev {
-        name,
         base_name: o.base_name,
         uuid_given: o.uuid,
         base_bdev: base,

@@ -83,21 +83,7 @@ pub struct MallocBdev {
 
 impl MallocBdev {
     pub fn new(opts: MallocOptions) -> Result<MallocBdev> {
-        if opts.block_size == 0 || !opts.block_size.is_multiple_of(512) {
-            return Err(BdevError::Invalid(format!(
-                "block_size {} is not a multiple of 512",
-                opts.block_size
-            )));
-        }
-        if !opts.physical_block_size.is_multiple_of(512) {
-            return Err(BdevError::Invalid(format!(
-                "physical_block_size {} is not a multiple of 512",
-                opts.physical_block_size
-            )));
-        }
-        if opts.num_blocks == 0 {
-            return Err(BdevError::Invalid("num_blocks must be more than 0".into()));
-        }
+        super::check_geometry(opts.block_size, opts.physical_block_size, opts.num_blocks)?;
         let len = opts
             .num_blocks
             .checked_mul(opts.block_size as u64)
@@ -110,13 +96,12 @@ impl MallocBdev {
     }
 
     pub fn props(&self) -> BdevProps {
-        BdevProps {
-            name: self.opts.name.clone(),
-            uuid: self.opts.uuid,
-            block_size: self.opts.block_size,
-            num_blocks: self.opts.num_blocks,
-            aliases: Vec::new(),
-        }
+        BdevProps::new(
+            self.opts.name.clone(),
+            self.opts.uuid,
+            self.opts.block_size,
+            self.opts.num_blocks,
+        )
     }
 }
 

@@ -1,7 +1,7 @@
 use crate::error::BdevError;
 use crate::io::IoType;
 use crate::registry;
-use crate::testutil::{malloc, other_core, run};
+use crate::testutil::{malloc, malloc_params, other_core, run};
 
 #[test]
 fn data_written_on_one_core_reads_back_on_another() {
@@ -34,37 +34,9 @@ fn data_written_on_one_core_reads_back_on_another() {
 fn duplicate_name_and_bad_geometry_leave_nothing() {
     run(|| async {
         malloc("M1", 16, 4096).await;
-        let dup = super::rpc::create(super::rpc::CreateParams {
-            name: Some("M1".into()),
-            uuid: None,
-            num_blocks: 16,
-            block_size: 512,
-            physical_block_size: 0,
-            optimal_io_boundary: 0,
-            md_size: 0,
-            md_interleave: false,
-            dif_type: 0,
-            dif_is_head_of_md: false,
-            dif_pi_format: 0,
-            numa_id: None,
-        })
-        .await;
+        let dup = super::rpc::create(malloc_params("M1", 16, 512)).await;
         assert_eq!(dup.unwrap_err().errno(), libc::EEXIST);
-        let bad = super::rpc::create(super::rpc::CreateParams {
-            name: Some("M2".into()),
-            uuid: None,
-            num_blocks: 16,
-            block_size: 500,
-            physical_block_size: 0,
-            optimal_io_boundary: 0,
-            md_size: 0,
-            md_interleave: false,
-            dif_type: 0,
-            dif_is_head_of_md: false,
-            dif_pi_format: 0,
-            numa_id: None,
-        })
-        .await;
+        let bad = super::rpc::create(malloc_params("M2", 16, 500)).await;
         assert_eq!(bad.unwrap_err().errno(), libc::EINVAL);
         // The failed create freed its name.
         malloc("M2", 16, 512).await;

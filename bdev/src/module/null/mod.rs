@@ -13,7 +13,7 @@ use uuid::Uuid;
 
 use crate::bdev::{Bdev, BdevProps};
 use crate::channel::BdevChannel;
-use crate::error::{BdevError, Result};
+use crate::error::Result;
 use crate::io::{IoBox, IoStatus, IoType};
 
 pub const MODULE: &str = "null";
@@ -33,32 +33,17 @@ pub struct NullBdev {
 
 impl NullBdev {
     pub fn new(opts: NullOptions) -> Result<NullBdev> {
-        if opts.block_size == 0 || !opts.block_size.is_multiple_of(512) {
-            return Err(BdevError::Invalid(format!(
-                "block_size {} is not a multiple of 512",
-                opts.block_size
-            )));
-        }
-        if !opts.physical_block_size.is_multiple_of(512) {
-            return Err(BdevError::Invalid(format!(
-                "physical_block_size {} is not a multiple of 512",
-                opts.physical_block_size
-            )));
-        }
-        if opts.num_blocks == 0 {
-            return Err(BdevError::Invalid("Disk must be more than 0 blocks".into()));
-        }
+        super::check_geometry(opts.block_size, opts.physical_block_size, opts.num_blocks)?;
         Ok(NullBdev { opts })
     }
 
     pub fn props(&self) -> BdevProps {
-        BdevProps {
-            name: self.opts.name.clone(),
-            uuid: self.opts.uuid,
-            block_size: self.opts.block_size,
-            num_blocks: self.opts.num_blocks,
-            aliases: Vec::new(),
-        }
+        BdevProps::new(
+            self.opts.name.clone(),
+            self.opts.uuid,
+            self.opts.block_size,
+            self.opts.num_blocks,
+        )
     }
 }
 

@@ -233,13 +233,12 @@ impl UringBdev {
     }
 
     pub fn props(&self) -> BdevProps {
-        BdevProps {
-            name: self.opts.name.clone(),
-            uuid: self.uuid,
-            block_size: self.block_size,
-            num_blocks: self.num_blocks,
-            aliases: Vec::new(),
-        }
+        BdevProps::new(
+            self.opts.name.clone(),
+            self.uuid,
+            self.block_size,
+            self.num_blocks,
+        )
     }
 }
 

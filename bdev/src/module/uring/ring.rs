@@ -72,7 +72,9 @@ pub(crate) struct CoreRing {
     unsubmitted: Cell<u32>,
     spin: RefCell<Option<SpinHold>>,
     reaped: RefCell<Vec<(u64, i32)>>,
-    _poller: PollerHandle,
+    /// Its closure holds this ring: a cycle that lives as long as the
+    /// core's thread, broken when the reactor drops its pollers at stop.
+    poller: RefCell<Option<PollerHandle>>,
 }
 
 thread_local! {
@@ -85,11 +87,6 @@ pub(crate) fn core_ring() -> std::io::Result<std::rc::Rc<CoreRing>> {
         return Ok(r);
     }
     let ring = IoUring::new(RING_ENTRIES)?;
-    let poller =
-        reactor::register_poller("uring", || match CORE_RING.with(|c| c.borrow().clone()) {
-            Some(r) => r.poll(),
-            None => PollStatus::Idle,
-        });
     let r = std::rc::Rc::new(CoreRing {
         ring: RefCell::new(ring),
         slots: RefCell::new(Slots {
@@ -102,8 +99,10 @@ pub(crate) fn core_ring() -> std::io::Result<std::rc::Rc<CoreRing>> {
         unsubmitted: Cell::new(0),
         spin: RefCell::new(None),
         reaped: RefCell::new(Vec::with_capacity(REAP_BATCH)),
-        _poller: poller,
+        poller: RefCell::new(None),
     });
+    let polled = r.clone();
+    *r.poller.borrow_mut() = Some(reactor::register_poller("uring", move || polled.poll()));
     CORE_RING.with(|c| *c.borrow_mut() = Some(r.clone()));
     Ok(r)
 }
