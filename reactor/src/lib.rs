@@ -17,6 +17,7 @@ pub mod runtime;
 pub mod ticks;
 
 use std::future::Future;
+use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -161,6 +162,14 @@ pub fn register_on_demand_poller(
 #[inline]
 pub fn wake_loop() {
     try_with_current(|r| r.wake_loop());
+}
+
+/// Registers `hook` to run on the current reactor each time its loop is
+/// about to park (adaptive mode): the place to arm a wake source that
+/// costs something to keep armed, such as an io_uring poll on sockets the
+/// loop otherwise polls itself. A hook must not block.
+pub fn on_park(hook: impl Fn() + 'static) {
+    with_current(|r| r.add_park_hook(Rc::new(hook)));
 }
 
 /// Keeps the current reactor spinning while alive: for in-flight work whose

@@ -217,6 +217,8 @@ pub struct Reactor {
     counters: LoopCounters,
     shutdown_hooks: RefCell<Vec<ShutdownHook>>,
     shutdown_started: Cell<bool>,
+    /// Run just before the loop parks (see [`crate::on_park`]).
+    park_hooks: RefCell<Vec<Rc<dyn Fn()>>>,
 }
 
 thread_local! {
@@ -293,6 +295,10 @@ impl Reactor {
         self.spin_holds.set(self.spin_holds.get().saturating_sub(1));
     }
 
+    pub(crate) fn add_park_hook(&self, hook: Rc<dyn Fn()>) {
+        self.park_hooks.borrow_mut().push(hook);
+    }
+
     pub(crate) fn add_shutdown_hook(&self, hook: ShutdownHook) {
         self.shutdown_hooks.borrow_mut().push(hook);
     }
@@ -333,6 +339,12 @@ impl Reactor {
     }
 
     async fn park(&self) {
+        // Hooks arm their wake sources (a socket poll) before the loop's
+        // state says parked; what they wake runs after this task yields.
+        let hooks = self.park_hooks.borrow().clone();
+        for h in hooks.iter() {
+            h();
+        }
         self.parked_local.set(true);
         self.shared.parked.store(true, Ordering::SeqCst);
         fence(Ordering::SeqCst);
@@ -701,6 +713,7 @@ fn reactor_thread<F, Fut>(
         counters: LoopCounters::default(),
         shutdown_hooks: RefCell::new(Vec::new()),
         shutdown_started: Cell::new(false),
+        park_hooks: RefCell::new(Vec::new()),
     });
     CURRENT.with(|c| {
         let _ = c.set(reactor.clone());

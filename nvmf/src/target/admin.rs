@@ -291,7 +291,7 @@ pub fn destroy(cntlid: u16) {
     });
     for (id, core) in io {
         reactor::send(reactor::CoreId(core), move || {
-            super::conn::shutdown_qpair(id)
+            super::poll_group::shutdown_qpair(id)
         });
     }
 }

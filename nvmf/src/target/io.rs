@@ -1,9 +1,10 @@
 //! NVM I/O commands on an I/O queue (NVMe NVM Command Set 1.0, 3): read,
-//! write, flush, write zeroes, dataset management (deallocate → unmap),
-//! checked against the namespace before reaching the bdev channel of the
-//! queue's own core.
+//! write, compare, flush, write zeroes and dataset management (deallocate
+//! → unmap). [`plan`] checks a command against its namespace and says what
+//! data moves which way; the connection (`conn.rs`) moves the data and
+//! submits to the bdev channel of its own core.
 
-use bdev::{IoChannel, IoType};
+use bdev::IoType;
 
 use super::admin::NamespaceView;
 use crate::wire::nvme::{sc, Sqe, Status};
@@ -12,12 +13,19 @@ pub mod opc {
     pub const FLUSH: u8 = 0x00;
     pub const WRITE: u8 = 0x01;
     pub const READ: u8 = 0x02;
+    pub const COMPARE: u8 = 0x05;
     pub const WRITE_ZEROES: u8 = 0x08;
     pub const DSM: u8 = 0x09;
 }
 
+/// Compare Failure (SCT 2h media and data integrity errors, SC 85h).
+pub const COMPARE_FAILURE: Status = Status::media(0x85);
+
+/// Largest DSM range list: 256 ranges of 16 bytes.
+pub const DSM_MAX_BYTES: usize = 256 * 16;
+
 /// Where a command's data comes from or goes to.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Transfer {
     None,
     /// Host → controller, `len` bytes (in the capsule or by R2T).
@@ -27,28 +35,33 @@ pub enum Transfer {
 }
 
 /// A validated I/O command.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct IoPlan {
     pub transfer: Transfer,
-    pub channel: IoChannel,
+    /// What reaches the bdev (DSM: unmap per range; flush on a bdev
+    /// without flush, or DSM without deallocate: nothing).
+    pub io_type: Option<IoType>,
     pub slba: u64,
+    /// Blocks (DSM: ranges).
     pub nlb: u64,
 }
 
-/// Checks `sqe` against the namespaces; the status to return if it fails.
-pub fn plan(sqe: &Sqe, namespaces: &[NamespaceView], max_io_size: u32) -> Result<IoPlan, Status> {
-    let ns = namespaces
-        .iter()
-        .find(|n| n.nsid == sqe.nsid())
-        .ok_or(Status::generic(sc::INVALID_NAMESPACE).dnr())?;
-    let bs = ns.block_size as u64;
-    let channel = ns.bdev.get_channel();
+/// Checks `sqe` against its namespace (None: no such namespace); the status
+/// to return if it fails.
+pub fn plan(sqe: &Sqe, ns: Option<&NamespaceView>, max_io_size: u32) -> Result<IoPlan, Status> {
+    let ns = ns.ok_or(Status::generic(sc::INVALID_NAMESPACE).dnr())?;
+    let supported = |t: IoType| ns.bdev.io_type_supported(t);
     let sgl_len = sqe.sgl().length() as usize;
-    let rw = |to_host: bool| -> Result<IoPlan, Status> {
+    let range = || -> Result<(u64, u64), Status> {
         let (slba, nlb) = (sqe.slba(), sqe.nlb() as u64);
         if slba.checked_add(nlb).is_none_or(|end| end > ns.num_blocks) {
             return Err(Status::generic(sc::LBA_OUT_OF_RANGE).dnr());
         }
-        let len = (nlb * bs) as usize;
+        Ok((slba, nlb))
+    };
+    let data = |io_type: IoType, to_host: bool| -> Result<IoPlan, Status> {
+        let (slba, nlb) = range()?;
+        let len = (nlb * ns.block_size as u64) as usize;
         if len > max_io_size as usize || sgl_len < len {
             return Err(Status::generic(sc::DATA_SGL_LENGTH_INVALID).dnr());
         }
@@ -58,30 +71,28 @@ pub fn plan(sqe: &Sqe, namespaces: &[NamespaceView], max_io_size: u32) -> Result
             } else {
                 Transfer::ToController(len)
             },
-            channel: channel.clone(),
+            io_type: Some(io_type),
             slba,
             nlb,
         })
     };
     match sqe.opcode() {
-        opc::READ => rw(true),
-        opc::WRITE => rw(false),
+        opc::READ => data(IoType::Read, true),
+        opc::WRITE => data(IoType::Write, false),
+        // Host data first, then a read of the same blocks to compare with.
+        opc::COMPARE => data(IoType::Read, false),
         opc::WRITE_ZEROES => {
-            // No data: only the range is checked.
-            let (slba, nlb) = (sqe.slba(), sqe.nlb() as u64);
-            if slba.checked_add(nlb).is_none_or(|end| end > ns.num_blocks) {
-                return Err(Status::generic(sc::LBA_OUT_OF_RANGE).dnr());
-            }
+            let (slba, nlb) = range()?;
             Ok(IoPlan {
                 transfer: Transfer::None,
-                channel,
+                io_type: Some(IoType::WriteZeroes),
                 slba,
                 nlb,
             })
         }
         opc::FLUSH => Ok(IoPlan {
             transfer: Transfer::None,
-            channel,
+            io_type: supported(IoType::Flush).then_some(IoType::Flush),
             slba: 0,
             nlb: 0,
         }),
@@ -90,9 +101,11 @@ pub fn plan(sqe: &Sqe, namespaces: &[NamespaceView], max_io_size: u32) -> Result
             if sgl_len < ranges * 16 {
                 return Err(Status::generic(sc::DATA_SGL_LENGTH_INVALID).dnr());
             }
+            // Only deallocate (AD, CDW11 bit 2) does anything.
+            let deallocate = sqe.cdw(11) & 0x4 != 0 && supported(IoType::Unmap);
             Ok(IoPlan {
-                transfer: Transfer::ToController(sgl_len.min(4096)),
-                channel,
+                transfer: Transfer::ToController(ranges * 16),
+                io_type: deallocate.then_some(IoType::Unmap),
                 slba: 0,
                 nlb: ranges as u64,
             })
@@ -101,61 +114,25 @@ pub fn plan(sqe: &Sqe, namespaces: &[NamespaceView], max_io_size: u32) -> Result
     }
 }
 
-fn io_status(r: bdev::Result<()>) -> Status {
-    match r {
-        Ok(()) => Status::SUCCESS,
-        Err(_) => Status::generic(sc::INTERNAL_ERROR),
-    }
-}
-
-/// Runs a planned command once its host data (if any) is in `data`;
-/// returns the status and, for reads, the data for the host.
-pub async fn execute(sqe: &Sqe, p: &IoPlan, data: &[u8]) -> (Status, Vec<u8>) {
-    let ch = &p.channel;
-    match sqe.opcode() {
-        opc::READ => match ch.read(p.slba, p.nlb).await {
-            Ok(d) => (Status::SUCCESS, d),
-            Err(_) => (Status::generic(sc::INTERNAL_ERROR), Vec::new()),
-        },
-        opc::WRITE => (io_status(ch.write(p.slba, data).await), Vec::new()),
-        opc::WRITE_ZEROES => (
-            io_status(ch.command(IoType::WriteZeroes, p.slba, p.nlb).await),
-            Vec::new(),
-        ),
-        opc::FLUSH => {
-            let s = if ch.bdev().io_type_supported(IoType::Flush) {
-                io_status(ch.command(IoType::Flush, 0, 0).await)
-            } else {
-                Status::SUCCESS
-            };
-            (s, Vec::new())
+/// The `(slba, nlb)` of each non-empty range of a DSM range list, or the
+/// status if one lies outside the namespace.
+pub fn dsm_ranges(
+    list: &[u8],
+    ranges: usize,
+    num_blocks: u64,
+) -> impl Iterator<Item = Result<(u64, u64), Status>> + '_ {
+    list.chunks_exact(16).take(ranges).filter_map(move |r| {
+        let nlb = u32::from_le_bytes([r[4], r[5], r[6], r[7]]) as u64;
+        let mut s = [0u8; 8];
+        s.copy_from_slice(&r[8..16]);
+        let slba = u64::from_le_bytes(s);
+        if nlb == 0 {
+            return None;
         }
-        opc::DSM => {
-            // Only deallocate (AD, CDW11 bit 2) does anything.
-            if sqe.cdw(11) & 0x4 == 0 || !ch.bdev().io_type_supported(IoType::Unmap) {
-                return (Status::SUCCESS, Vec::new());
-            }
-            for r in data.chunks_exact(16).take(p.nlb as usize) {
-                let nlb = u32::from_le_bytes([r[4], r[5], r[6], r[7]]) as u64;
-                let mut s = [0u8; 8];
-                s.copy_from_slice(&r[8..16]);
-                let slba = u64::from_le_bytes(s);
-                if nlb == 0 {
-                    continue;
-                }
-                if slba
-                    .checked_add(nlb)
-                    .is_none_or(|e| e > ch.bdev().num_blocks())
-                {
-                    return (Status::generic(sc::LBA_OUT_OF_RANGE).dnr(), Vec::new());
-                }
-                let st = io_status(ch.command(IoType::Unmap, slba, nlb).await);
-                if !st.is_success() {
-                    return (st, Vec::new());
-                }
-            }
-            (Status::SUCCESS, Vec::new())
-        }
-        _ => (Status::generic(sc::INVALID_OPCODE).dnr(), Vec::new()),
-    }
+        Some(if slba.checked_add(nlb).is_none_or(|e| e > num_blocks) {
+            Err(Status::generic(sc::LBA_OUT_OF_RANGE).dnr())
+        } else {
+            Ok((slba, nlb))
+        })
+    })
 }

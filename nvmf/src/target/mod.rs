@@ -1,12 +1,19 @@
 //! The NVMe/TCP target: its control plane (the TCP transport's options,
 //! subsystems, namespaces, hosts, bound listeners, with SPDK's RPCs and
-//! `save_config`) and its connections (`conn`: accept, spread over the
-//! reactors, ICReq/ICResp, PDU checks and termination). Serving fabrics
-//! Connect and admin/I/O commands on reactor-pinned queue pairs builds on
-//! this next.
+//! `save_config`: `subsystem.rs`, `rpc.rs`), controllers and the admin
+//! queue (`admin.rs`), and the data plane: accepting (`listener.rs`), each
+//! core's poll group of connections (`poll_group.rs`) over non-blocking
+//! sockets (`socket.rs`), one connection's PDUs and commands (`conn.rs`)
+//! with request slots (`request.rs`), a send queue (`send_queue.rs`) and
+//! NVM command planning (`io.rs`).
 
 pub mod admin;
 pub mod conn;
 pub mod io;
+pub mod listener;
+pub mod poll_group;
+pub mod request;
 pub mod rpc;
+pub mod send_queue;
+pub mod socket;
 pub mod subsystem;

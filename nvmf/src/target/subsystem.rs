@@ -370,7 +370,7 @@ impl Target {
             .transport
             .as_ref()
             .map_or(TransportOpts::default().max_io_size, |t| t.max_io_size);
-        let acceptor = super::conn::start_acceptor(addr, &l, maxh2cdata)
+        let acceptor = super::listener::start_acceptor(addr, &l, maxh2cdata)
             .map_err(|e| BdevError::Invalid(format!("cannot accept on {addr}: {e}")))?;
         self.sockets.insert(
             addr,

@@ -117,3 +117,12 @@ pub use self::{
     udp_socket::UdpSocket,
     unix::{AcceptedUnixStream, UnixDatagram, UnixListener, UnixStream},
 };
+
+/// Ferroplane patch: resolves once `fd` is readable (or has an error or
+/// hang-up pending), through one io_uring `POLL_ADD`. Lets a caller that
+/// does its own non-blocking socket I/O sleep in the executor until a
+/// socket has something; dropping the future cancels the poll.
+pub async fn wait_readable(fd: std::os::unix::io::RawFd) -> io::Result<()> {
+    let source = crate::executor().reactor().poll_read_ready(fd);
+    source.collect_rw().await.map(|_| ())
+}

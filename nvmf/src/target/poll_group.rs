@@ -1,0 +1,255 @@
+//! A core's NVMe/TCP poll group (SPDK's `spdk_nvmf_poll_group`): the
+//! connections this reactor owns and the pollers that drive them.
+//!
+//! - Every loop turn, one `epoll_wait(0)` finds the sockets with input (or,
+//!   while a connection's output is blocked, room to write); each ready
+//!   connection receives and handles everything it has; then every
+//!   connection turns finished I/O into responses and sends them, one
+//!   `sendmsg` each.
+//! - In adaptive mode, just before the reactor parks, a task arms one
+//!   io_uring poll on the epoll descriptor, so input on any socket wakes
+//!   the reactor; nothing is armed while the loop is spinning.
+//! - A timed poller enforces keep-alive timeouts.
+//!
+//! Invariants: a connection lives on one core from accept to close; every
+//! map here is touched only by this core's thread; no borrow of the group
+//! is held while a connection runs (connections call back in to close).
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::net::TcpStream;
+use std::os::fd::RawFd;
+use std::rc::Rc;
+use std::task::{Poll, Waker};
+use std::time::Duration;
+
+use reactor::PollStatus;
+
+use super::conn::Connection;
+use super::socket::{self, PolledSocket, ReadySet};
+
+/// Readiness events taken per `epoll_wait`.
+const READY_BATCH: usize = 256;
+/// How often keep-alive timeouts are checked.
+const KEEP_ALIVE_CHECK: Duration = Duration::from_millis(500);
+
+struct PollGroup {
+    conns: RefCell<HashMap<u64, Rc<Connection>>>,
+    ready: RefCell<ReadySet>,
+    next_token: Cell<u64>,
+    /// Connected queue pairs on this core: qpair id → connection token.
+    qpairs: RefCell<HashMap<u64, u64>>,
+    /// Some connection closed; drop it from `conns` after this turn.
+    reap: Cell<bool>,
+    /// The wake-up poll on the epoll descriptor is wanted or armed.
+    arm: Cell<bool>,
+    arm_waker: RefCell<Option<Waker>>,
+    /// Scratch: ready tokens of this turn, and connections to visit.
+    scratch_tokens: RefCell<Vec<u64>>,
+    scratch_conns: RefCell<Vec<Rc<Connection>>>,
+    /// The group's pollers (unregistered when dropped).
+    pollers: RefCell<Vec<reactor::PollerHandle>>,
+}
+
+thread_local! {
+    static GROUP: std::cell::OnceCell<Rc<PollGroup>> = const { std::cell::OnceCell::new() };
+}
+
+/// This core's group, created (with its pollers) on first use.
+fn group() -> Rc<PollGroup> {
+    GROUP.with(|g| {
+        g.get_or_init(|| {
+            let ready = match ReadySet::new(READY_BATCH) {
+                Ok(r) => r,
+                // Out of file descriptors at start-up: nothing can serve.
+                Err(e) => panic!("NVMe/TCP poll group: epoll_create1: {e}"),
+            };
+            let g = Rc::new(PollGroup {
+                conns: RefCell::new(HashMap::new()),
+                ready: RefCell::new(ready),
+                next_token: Cell::new(1),
+                qpairs: RefCell::new(HashMap::new()),
+                reap: Cell::new(false),
+                arm: Cell::new(false),
+                arm_waker: RefCell::new(None),
+                scratch_tokens: RefCell::new(Vec::with_capacity(READY_BATCH)),
+                scratch_conns: RefCell::new(Vec::new()),
+                pollers: RefCell::new(Vec::new()),
+            });
+            start(&g);
+            g
+        })
+        .clone()
+    })
+}
+
+fn start(g: &Rc<PollGroup>) {
+    let w = Rc::downgrade(g);
+    let poll = reactor::register_poller("nvmf_tcp_poll_group", move || {
+        PollStatus::from_work(w.upgrade().is_some_and(|g| g.poll()))
+    });
+    let w = Rc::downgrade(g);
+    let keep_alive =
+        reactor::register_timed_poller("nvmf_tcp_keep_alive", KEEP_ALIVE_CHECK, move || {
+            PollStatus::from_work(w.upgrade().is_some_and(|g| g.check_keep_alive()))
+        });
+    g.pollers.borrow_mut().extend([poll, keep_alive]);
+    let w = Rc::downgrade(g);
+    reactor::on_park(move || {
+        if let Some(g) = w.upgrade() {
+            if !g.conns.borrow().is_empty() && !g.arm.replace(true) {
+                if let Some(waker) = g.arm_waker.borrow_mut().take() {
+                    waker.wake();
+                }
+            }
+        }
+    });
+    // The wake source: waits for an arm request, then for the epoll
+    // descriptor to become readable, then wakes the loop.
+    let g = g.clone();
+    let epfd = g.ready.borrow().fd();
+    reactor::spawn_local(async move {
+        loop {
+            std::future::poll_fn(|cx| {
+                if g.arm.get() {
+                    Poll::Ready(())
+                } else {
+                    *g.arm_waker.borrow_mut() = Some(cx.waker().clone());
+                    Poll::Pending
+                }
+            })
+            .await;
+            let _ = socket::readable(epfd).await;
+            g.arm.set(false);
+            reactor::wake_loop();
+        }
+    });
+}
+
+impl PollGroup {
+    /// One turn: receive on ready sockets, then service every connection.
+    fn poll(&self) -> bool {
+        let conns = self.conns.borrow();
+        if conns.is_empty() {
+            return false;
+        }
+        let mut busy = false;
+        let mut tokens = self.scratch_tokens.borrow_mut();
+        tokens.clear();
+        tokens.extend(self.ready.borrow_mut().ready());
+        let mut visit = self.scratch_conns.borrow_mut();
+        visit.clear();
+        visit.extend(tokens.iter().filter_map(|t| conns.get(t).cloned()));
+        drop(conns);
+        for c in visit.iter() {
+            busy |= c.on_readable();
+        }
+        visit.clear();
+        visit.extend(self.conns.borrow().values().cloned());
+        for c in visit.iter() {
+            busy |= c.service();
+        }
+        visit.clear();
+        if self.reap.replace(false) {
+            self.conns.borrow_mut().retain(|_, c| !c.is_closed());
+        }
+        busy
+    }
+
+    fn check_keep_alive(&self) -> bool {
+        let now = reactor::ticks::now();
+        let expired: Vec<Rc<Connection>> = self
+            .conns
+            .borrow()
+            .values()
+            .filter(|c| c.keep_alive_expired(now))
+            .cloned()
+            .collect();
+        for c in &expired {
+            c.close("keep alive timeout");
+        }
+        !expired.is_empty()
+    }
+}
+
+/// Adopts an accepted connection on the current core.
+pub fn adopt(stream: TcpStream, maxh2cdata: u32) {
+    let peer = stream.peer_addr().ok();
+    let sock = match PolledSocket::new(stream) {
+        Ok(s) => s,
+        Err(e) => {
+            log::warn!("NVMe/TCP connection from {peer:?}: {e}");
+            return;
+        }
+    };
+    let g = group();
+    let token = g.next_token.get();
+    g.next_token.set(token + 1);
+    let fd = sock.fd();
+    if let Err(e) = g.ready.borrow().add(fd, token) {
+        log::warn!("NVMe/TCP connection from {peer:?}: epoll: {e}");
+        return;
+    }
+    let conn = Rc::new(Connection::new(token, sock, maxh2cdata));
+    g.conns.borrow_mut().insert(token, conn);
+    log::debug!(
+        "NVMe/TCP connection from {peer:?} on core {}",
+        reactor::current_core().0
+    );
+    reactor::wake_loop();
+}
+
+/// Stops watching `fd` (its connection is closing).
+pub(crate) fn unwatch(fd: RawFd) {
+    GROUP.with(|g| {
+        if let Some(g) = g.get() {
+            g.ready.borrow().remove(fd);
+        }
+    });
+}
+
+/// Also report `fd` when it has room to write (its output is blocked).
+pub(crate) fn watch_writable(fd: RawFd, token: u64, writable: bool) {
+    GROUP.with(|g| {
+        if let Some(g) = g.get() {
+            if let Err(e) = g.ready.borrow().watch_writable(fd, token, writable) {
+                log::warn!("NVMe/TCP: epoll_ctl on fd {fd}: {e}");
+            }
+        }
+    });
+}
+
+/// A connection closed: drop it from the group after this turn.
+pub(crate) fn reap_later() {
+    GROUP.with(|g| {
+        if let Some(g) = g.get() {
+            g.reap.set(true);
+            reactor::wake_loop();
+        }
+    });
+}
+
+pub(crate) fn remember_qpair(id: u64, token: u64) {
+    group().qpairs.borrow_mut().insert(id, token);
+}
+
+pub(crate) fn forget_qpair(id: u64) {
+    GROUP.with(|g| {
+        if let Some(g) = g.get() {
+            g.qpairs.borrow_mut().remove(&id);
+        }
+    });
+}
+
+/// Closes queue pair `id` if it is still connected on this core (its
+/// controller is being torn down).
+pub fn shutdown_qpair(id: u64) {
+    let conn = GROUP.with(|g| {
+        let g = g.get()?;
+        let token = *g.qpairs.borrow().get(&id)?;
+        g.conns.borrow().get(&token).cloned()
+    });
+    if let Some(c) = conn {
+        c.close("controller destroyed");
+    }
+}

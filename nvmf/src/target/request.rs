@@ -1,0 +1,133 @@
+//! Request slots of an I/O queue: one per queue entry, allocated when the
+//! queue connects and reused for every command after (no allocation per
+//! I/O once each slot's buffer has grown to the largest transfer seen).
+//!
+//! A slot moves through an explicit state machine:
+//!
+//! ```text
+//! Free -> (in-capsule data or none) -> Executing -> Free | Sending -> Free
+//!      -> AwaitingData (R2T sent) -> Executing ...
+//!      -> AwaitingView (unknown namespace: view being refreshed) -> ...
+//! ```
+//!
+//! `Sending`: the response is queued and its data still referenced by the
+//! send queue; the slot is freed when that data has left.
+//! The slot index is the R2T's transfer tag, so an H2CData finds its slot
+//! without a search.
+
+use bdev::IoBuf;
+
+use super::io::IoPlan;
+use crate::wire::nvme::{Sqe, Status};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SlotState {
+    Free,
+    AwaitingView,
+    AwaitingData,
+    Executing,
+    Sending,
+}
+
+pub struct Request {
+    pub state: SlotState,
+    pub sqe: Sqe,
+    pub plan: Option<IoPlan>,
+    /// Host data (write, compare, DSM ranges) or data for the host (read).
+    pub buf: IoBuf,
+    /// Compare: the blocks read to compare with.
+    pub aux: IoBuf,
+    /// Host data bytes received so far (in-capsule or H2CData).
+    pub received: usize,
+    /// Bdev I/Os in flight for this command (DSM: one per range).
+    pub outstanding: u32,
+    pub status: Status,
+    /// Waited once for a fresh namespace view already.
+    pub view_refreshed: bool,
+}
+
+impl Request {
+    fn new() -> Request {
+        Request {
+            state: SlotState::Free,
+            sqe: Sqe::default(),
+            plan: None,
+            buf: IoBuf::empty(),
+            aux: IoBuf::empty(),
+            received: 0,
+            outstanding: 0,
+            status: Status::SUCCESS,
+            view_refreshed: false,
+        }
+    }
+}
+
+/// Buffers above this are released when their command ends, so a burst of
+/// large transfers does not pin memory in every slot.
+const KEPT_BUF_BYTES: usize = 128 * 1024;
+
+/// The slots of one queue and their free list.
+pub struct RequestTable {
+    slots: Vec<Request>,
+    free: Vec<u16>,
+}
+
+impl RequestTable {
+    pub fn new(entries: usize) -> RequestTable {
+        let entries = entries.clamp(1, u16::MAX as usize);
+        RequestTable {
+            slots: (0..entries).map(|_| Request::new()).collect(),
+            free: (0..entries as u16).rev().collect(),
+        }
+    }
+
+    /// A free slot set up for `sqe`, or None if the host has more commands
+    /// outstanding than its queue holds.
+    pub fn alloc(&mut self, sqe: Sqe) -> Option<u16> {
+        let i = self.free.pop()?;
+        let r = &mut self.slots[i as usize];
+        r.state = SlotState::Executing;
+        r.sqe = sqe;
+        r.plan = None;
+        r.received = 0;
+        r.outstanding = 0;
+        r.status = Status::SUCCESS;
+        r.view_refreshed = false;
+        Some(i)
+    }
+
+    pub fn release(&mut self, i: u16) {
+        let r = &mut self.slots[i as usize];
+        debug_assert!(r.state != SlotState::Free);
+        r.state = SlotState::Free;
+        r.plan = None;
+        if r.buf.capacity() > KEPT_BUF_BYTES {
+            r.buf = IoBuf::empty();
+        }
+        if r.aux.capacity() > KEPT_BUF_BYTES {
+            r.aux = IoBuf::empty();
+        }
+        self.free.push(i);
+    }
+
+    pub fn get(&self, i: u16) -> Option<&Request> {
+        self.slots.get(i as usize)
+    }
+
+    pub fn get_mut(&mut self, i: u16) -> Option<&mut Request> {
+        self.slots.get_mut(i as usize)
+    }
+
+    /// Slots waiting for a namespace view.
+    pub fn awaiting_view(&self) -> impl Iterator<Item = u16> + '_ {
+        self.slots
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| r.state == SlotState::AwaitingView)
+            .map(|(i, _)| i as u16)
+    }
+
+    pub fn in_use(&self) -> usize {
+        self.slots.len() - self.free.len()
+    }
+}
