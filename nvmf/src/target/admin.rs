@@ -468,7 +468,9 @@ impl Controller {
                         kas_100ms: KAS_100MS,
                         max_cmd: s.max_queue_depth as u16,
                         nn: s.max_namespaces,
-                        oncs: identify::oncs::DSM | identify::oncs::WRITE_ZEROES,
+                        oncs: identify::oncs::DSM
+                            | identify::oncs::WRITE_ZEROES
+                            | identify::oncs::COMPARE,
                         volatile_write_cache: true,
                         in_capsule_data_bytes: s.in_capsule_data_size,
                         subnqn: &s.nqn,
