@@ -1,14 +1,17 @@
 //! `ferroplane-perf`: an NVMe/TCP load generator in the manner of
-//! `spdk_nvme_perf`: connects to a subsystem, opens one I/O queue, keeps
-//! `-q` commands in flight for `-t` seconds and reports IOPS, MiB/s and
-//! latency percentiles.
+//! `spdk_nvme_perf`: connects to a subsystem, opens one I/O queue per core
+//! of `-c` (a thread pinned to each), keeps `-q` commands in flight on each
+//! for `-t` seconds and reports IOPS, MiB/s and latency percentiles per
+//! core and in total. The admin queue sends Keep Alive meanwhile.
 //!
-//! First version: one queue on one thread with a blocking socket (the
-//! pipelined commands share it); per-core queues and batched sockets come
-//! with the target's data-path work.
+//! Each worker uses the batched blocking host queue of `nvmf::initiator`:
+//! every response received is answered by the next command, and all
+//! commands queued while responses were buffered leave in one write.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
@@ -45,9 +48,54 @@ struct Args {
     hdr_digest: bool,
     #[arg(long = "data-digest")]
     data_digest: bool,
+    /// Sleep in the kernel while waiting for responses instead of
+    /// busy-polling the sockets (spdk_nvme_perf always polls).
+    #[arg(long)]
+    no_busy_poll: bool,
+    /// Core mask: one I/O queue and thread per core (spdk_nvme_perf's -c).
+    #[arg(short = 'c', default_value = "0x1")]
+    core_mask: String,
     /// Print JSON.
     #[arg(long)]
     json: bool,
+}
+
+const HOSTNQN: &str = "nqn.2014-08.org.nvmexpress:uuid:00000000-0000-4000-8000-00000000fe55";
+
+/// What one worker measured.
+struct WorkerResult {
+    core: u32,
+    done: u64,
+    errors: u64,
+    secs: f64,
+    hist: Histogram<u64>,
+}
+
+/// The workload, shared by the workers.
+#[derive(Clone)]
+struct Job {
+    addr: SocketAddr,
+    nqn: String,
+    cntlid: u16,
+    digests: Digests,
+    nsid: u32,
+    io_size: u32,
+    nlb: u32,
+    units: u64,
+    random: bool,
+    reads_pct: u32,
+    qd: u16,
+    time: Duration,
+    busy_poll: bool,
+}
+
+fn pin_to(core: u32) {
+    // SAFETY: cpu_set_t is plain data; the calls only read/write it.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(core as usize, &mut set);
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+    }
 }
 
 fn parse_trid(s: &str) -> Result<(SocketAddr, String), String> {
@@ -86,13 +134,12 @@ impl Rng {
 
 fn run(a: Args) -> Result<(), String> {
     let (addr, nqn) = parse_trid(&a.trid)?;
-    let hostnqn = "nqn.2014-08.org.nvmexpress:uuid:00000000-0000-4000-8000-00000000fe55";
     let digests = Digests {
         header: a.hdr_digest,
         data: a.data_digest,
     };
     let e = |e: nvmf::initiator::HostError| e.to_string();
-    let mut admin = HostQueue::connect(addr, &nqn, hostnqn, 0, 0, 31, digests).map_err(e)?;
+    let mut admin = HostQueue::connect(addr, &nqn, HOSTNQN, 0, 0, 31, digests).map_err(e)?;
     // Identify the namespace for its size and block size.
     let mut id = Sqe::default();
     id.set_opcode(0x06)
@@ -105,7 +152,7 @@ fn run(a: Args) -> Result<(), String> {
     let mut ns = Vec::new();
     loop {
         match admin.recv().map_err(e)? {
-            HostPdu::Data(_, _, d) => ns.extend_from_slice(&d),
+            HostPdu::Data(..) => ns.extend_from_slice(admin.data()),
             HostPdu::Resp(c) if c.status().is_success() => break,
             HostPdu::Resp(c) => {
                 return Err(format!("identify namespace {}: {:?}", a.nsid, c.status()))
@@ -127,8 +174,6 @@ fn run(a: Args) -> Result<(), String> {
     }
     let nlb = a.io_size / bs;
     let qd = a.queue_depth.max(1);
-    let mut io = HostQueue::connect(addr, &nqn, hostnqn, 1, admin.cntlid, qd.max(2) - 1, digests)
-        .map_err(e)?;
     let (random, reads_pct) = match a.workload.as_str() {
         "read" => (false, 100),
         "randread" => (true, 100),
@@ -138,47 +183,173 @@ fn run(a: Args) -> Result<(), String> {
         "randrw" => (true, a.read_pct),
         w => return Err(format!("unknown workload {w}")),
     };
-    let units = nsze / nlb as u64;
-    let payload = vec![0xA5u8; a.io_size as usize];
-    let mut rng = Rng(0x2545_F491_4F6C_DD1D);
-    let mut seq = 0u64;
-    let mut started: Vec<Instant> = vec![Instant::now(); qd as usize];
+    let cores = reactor::CoreSet::parse_mask(&a.core_mask)
+        .map_err(|e| format!("-c {}: {e}", a.core_mask))?;
+    let job = Job {
+        addr,
+        nqn: nqn.clone(),
+        cntlid: admin.cntlid,
+        digests,
+        nsid: a.nsid,
+        io_size: a.io_size,
+        nlb,
+        units: nsze / nlb as u64,
+        random,
+        reads_pct,
+        qd,
+        time: Duration::from_secs(a.time_s),
+        busy_poll: !a.no_busy_poll,
+    };
+    // Keep the controller alive for runs longer than its KATO.
+    let stop = Arc::new(AtomicBool::new(false));
+    let keeper = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut last = Instant::now();
+            while !stop.load(Ordering::Relaxed) {
+                std::thread::sleep(Duration::from_millis(100));
+                if last.elapsed() >= Duration::from_secs(5) {
+                    last = Instant::now();
+                    let mut ka = Sqe::default();
+                    ka.set_opcode(0x18).set_flags(FLAGS_PSDT_SGL).set_cid(2);
+                    if admin.send(&ka, &[]).is_err() || admin.recv().is_err() {
+                        break;
+                    }
+                }
+            }
+        })
+    };
+    let workers: Vec<_> = cores
+        .cores()
+        .iter()
+        .enumerate()
+        .map(|(i, core)| {
+            let (job, core) = (job.clone(), core.0);
+            std::thread::spawn(move || worker(&job, i as u16 + 1, core))
+        })
+        .collect();
+    let mut results = Vec::new();
+    for w in workers {
+        results.push(w.join().map_err(|_| "worker panicked".to_string())??);
+    }
+    stop.store(true, Ordering::Relaxed);
+    let _ = keeper.join();
+    let mut total =
+        Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3).map_err(|e| e.to_string())?;
+    let (mut iops, mut errors) = (0.0, 0);
+    for r in &results {
+        let _ = total.add(&r.hist);
+        iops += r.done as f64 / r.secs;
+        errors += r.errors;
+    }
+    let mibs = |iops: f64| iops * a.io_size as f64 / (1 << 20) as f64;
+    let us = |h: &Histogram<u64>, q: f64| h.value_at_quantile(q) as f64 / 1000.0;
+    if a.json {
+        let per_core: Vec<_> = results
+            .iter()
+            .map(|r| {
+                serde_json::json!({"core": r.core, "iops": r.done as f64 / r.secs,
+                "avg_us": r.hist.mean() / 1000.0})
+            })
+            .collect();
+        println!(
+            "{}",
+            serde_json::json!({"iops": iops, "mibps": mibs(iops), "errors": errors,
+                "latency_us": {"avg": total.mean() / 1000.0, "p50": us(&total, 0.5),
+                               "p99": us(&total, 0.99), "p99_9": us(&total, 0.999),
+                               "max": total.max() as f64 / 1000.0},
+                "cores": per_core})
+        );
+    } else {
+        if results.len() > 1 {
+            for r in &results {
+                let i = r.done as f64 / r.secs;
+                println!(
+                    "  core {}: {:.0} IOPS {:.1} MiB/s avg {:.1} us",
+                    r.core,
+                    i,
+                    mibs(i),
+                    r.hist.mean() / 1000.0
+                );
+            }
+        }
+        println!(
+            "{addr} {nqn} ns {} {} q{} {}B x{} queues: {:.0} IOPS {:.1} MiB/s avg {:.1} us p50 {:.1} p99 {:.1} p99.9 {:.1} max {:.1} errors {}",
+            a.nsid,
+            a.workload,
+            qd,
+            a.io_size,
+            results.len(),
+            iops,
+            mibs(iops),
+            total.mean() / 1000.0,
+            us(&total, 0.5),
+            us(&total, 0.99),
+            us(&total, 0.999),
+            total.max() as f64 / 1000.0,
+            errors
+        );
+    }
+    if errors > 0 {
+        return Err(format!("{errors} I/O errors"));
+    }
+    Ok(())
+}
+
+/// One I/O queue driven from one pinned thread.
+fn worker(j: &Job, qid: u16, core: u32) -> Result<WorkerResult, String> {
+    pin_to(core);
+    let e = |e: nvmf::initiator::HostError| e.to_string();
+    let mut io = HostQueue::connect(
+        j.addr,
+        &j.nqn,
+        HOSTNQN,
+        qid,
+        j.cntlid,
+        j.qd.max(2) - 1,
+        j.digests,
+    )
+    .map_err(e)?;
+    io.set_busy_poll(j.busy_poll).map_err(e)?;
+    let payload = vec![0xA5u8; j.io_size as usize];
+    let mut rng = Rng(0x2545_F491_4F6C_DD1D ^ ((core as u64 + 1) << 32));
+    let mut seq = (qid as u64 - 1) * (j.units / 8).max(1);
+    let mut started: Vec<Instant> = vec![Instant::now(); j.qd as usize];
     let mut hist =
         Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3).map_err(|e| e.to_string())?;
-    let mut submit =
-        |io: &mut HostQueue, cid: u16, started: &mut Vec<Instant>| -> Result<(), String> {
-            let unit = if random {
-                rng.next() % units
-            } else {
-                seq = (seq + 1) % units;
-                seq
-            };
-            let read = (rng.next() % 100) < reads_pct as u64;
-            let mut sqe = Sqe::default();
-            sqe.set_opcode(if read { 0x02 } else { 0x01 })
-                .set_flags(FLAGS_PSDT_SGL)
-                .set_cid(cid)
-                .set_nsid(a.nsid)
-                .set_rw(unit * nlb as u64, nlb);
-            // Writes of up to 4 KiB go in the capsule (the target's default
-            // in-capsule size); larger ones by R2T.
-            let in_capsule = !read && a.io_size <= 4096;
-            sqe.set_sgl(if in_capsule {
-                SglDescriptor::in_capsule(0, a.io_size)
-            } else {
-                SglDescriptor::transport(a.io_size)
-            });
-            started[cid as usize] = Instant::now();
-            io.send(&sqe, if in_capsule { &payload } else { &[] })
-                .map_err(|e| e.to_string())
+    let mut submit = |io: &mut HostQueue, cid: u16, started: &mut Vec<Instant>| {
+        let unit = if j.random {
+            rng.next() % j.units
+        } else {
+            seq = (seq + 1) % j.units;
+            seq
         };
-    for cid in 0..qd {
+        let read = (rng.next() % 100) < j.reads_pct as u64;
+        let mut sqe = Sqe::default();
+        sqe.set_opcode(if read { 0x02 } else { 0x01 })
+            .set_flags(FLAGS_PSDT_SGL)
+            .set_cid(cid)
+            .set_nsid(j.nsid)
+            .set_rw(unit * j.nlb as u64, j.nlb);
+        // Writes of up to 4 KiB go in the capsule (the target's default
+        // in-capsule size); larger ones by R2T.
+        let in_capsule = !read && j.io_size <= 4096;
+        sqe.set_sgl(if in_capsule {
+            SglDescriptor::in_capsule(0, j.io_size)
+        } else {
+            SglDescriptor::transport(j.io_size)
+        });
+        started[cid as usize] = Instant::now();
+        io.send(&sqe, if in_capsule { &payload } else { &[] })
+            .map_err(|e| e.to_string())
+    };
+    for cid in 0..j.qd {
         submit(&mut io, cid, &mut started)?;
     }
     let start = Instant::now();
-    let end = start + Duration::from_secs(a.time_s);
+    let end = start + j.time;
     let (mut done, mut errors) = (0u64, 0u64);
-    let mut outstanding = qd as u64;
+    let mut outstanding = j.qd as u64;
     while outstanding > 0 {
         match io.recv().map_err(e)? {
             HostPdu::Data(..) => {}
@@ -188,16 +359,17 @@ fn run(a: Args) -> Result<(), String> {
             }
             HostPdu::Resp(c) => {
                 let cid = c.cid();
+                let now = Instant::now();
                 let ns_lat = started
                     .get(cid as usize)
-                    .map_or(0, |s| s.elapsed().as_nanos() as u64);
+                    .map_or(0, |s| now.duration_since(*s).as_nanos() as u64);
                 let _ = hist.record(ns_lat.max(1));
                 if c.status().is_success() {
                     done += 1;
                 } else {
                     errors += 1;
                 }
-                if Instant::now() < end {
+                if now < end {
                     submit(&mut io, cid, &mut started)?;
                 } else {
                     outstanding -= 1;
@@ -205,38 +377,13 @@ fn run(a: Args) -> Result<(), String> {
             }
         }
     }
-    let secs = start.elapsed().as_secs_f64();
-    let iops = done as f64 / secs;
-    let mibs = iops * a.io_size as f64 / (1 << 20) as f64;
-    let us = |q: f64| hist.value_at_quantile(q) as f64 / 1000.0;
-    if a.json {
-        println!(
-            "{}",
-            serde_json::json!({"iops": iops, "mibps": mibs, "errors": errors,
-                "latency_us": {"avg": hist.mean() / 1000.0, "p50": us(0.5), "p99": us(0.99),
-                               "p99_9": us(0.999), "max": hist.max() as f64 / 1000.0}})
-        );
-    } else {
-        println!(
-            "{addr} {nqn} ns {} {} q{} {}B: {:.0} IOPS {:.1} MiB/s avg {:.1} us p50 {:.1} p99 {:.1} p99.9 {:.1} max {:.1} errors {}",
-            a.nsid,
-            a.workload,
-            qd,
-            a.io_size,
-            iops,
-            mibs,
-            hist.mean() / 1000.0,
-            us(0.5),
-            us(0.99),
-            us(0.999),
-            hist.max() as f64 / 1000.0,
-            errors
-        );
-    }
-    if errors > 0 {
-        return Err(format!("{errors} I/O errors"));
-    }
-    Ok(())
+    Ok(WorkerResult {
+        core,
+        done,
+        errors,
+        secs: start.elapsed().as_secs_f64(),
+        hist,
+    })
 }
 
 fn main() {
