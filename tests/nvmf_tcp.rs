@@ -761,3 +761,147 @@ fn random_pdu_streams_never_take_the_target_down() {
     let (_, c) = admin.cmd(connect_cmd(0, 31, 0), &connect_data(0xFFFF, NQN, HOSTNQN));
     assert_eq!(status(&c), (0, 0));
 }
+
+/// Sends one CapsuleCmd (in-capsule `data`) without waiting.
+fn send_capsule(s: &mut TcpStream, sqe: [u8; 64], data: &[u8]) {
+    let plen = 72 + data.len();
+    let mut pdu = vec![0u8; plen];
+    pdu[0] = 4;
+    pdu[2] = 72;
+    pdu[3] = if data.is_empty() { 0 } else { 72 };
+    pdu[4..8].copy_from_slice(&(plen as u32).to_le_bytes());
+    pdu[8..72].copy_from_slice(&sqe);
+    pdu[72..].copy_from_slice(data);
+    s.write_all(&pdu).unwrap();
+}
+
+/// Reads one PDU without digests: (type, 24-byte header, data).
+fn read_pdu(s: &mut TcpStream) -> (u8, [u8; 24], Vec<u8>) {
+    let mut h = [0u8; 24];
+    s.read_exact(&mut h).unwrap();
+    let plen = u32::from_le_bytes(h[4..8].try_into().unwrap()) as usize;
+    let mut d = vec![0u8; plen - 24];
+    s.read_exact(&mut d).unwrap();
+    (h[0], h, d)
+}
+
+fn cqe_cid(h: &[u8; 24]) -> u16 {
+    u16::from_le_bytes(h[20..22].try_into().unwrap())
+}
+
+fn block(i: u64) -> Vec<u8> {
+    (0..4096u64)
+        .map(|j| (i.wrapping_mul(31) ^ j.wrapping_mul(7)) as u8)
+        .collect()
+}
+
+#[test]
+fn many_commands_in_flight_on_one_queue_complete_with_the_right_data() {
+    let (t, port) = target_with_listener();
+    t.ok(
+        "bdev_malloc_create",
+        json!({"name": "M0", "num_blocks": 1024, "block_size": 4096}),
+    );
+    t.ok(
+        "nvmf_subsystem_add_ns",
+        json!({"nqn": NQN, "namespace": {"bdev_name": "M0"}}),
+    );
+    let mut admin = HostQueue::open(port);
+    let (_, c) = admin.cmd(connect_cmd(0, 31, 0), &connect_data(0xFFFF, NQN, HOSTNQN));
+    let cntlid = dw0(&c) as u16;
+    let mut io = HostQueue::open(port);
+    let (_, c) = io.cmd(connect_cmd(1, 127, 0), &connect_data(cntlid, NQN, HOSTNQN));
+    assert_eq!(status(&c), (0, 0));
+    let s = &mut io.s;
+
+    // 100 writes in one burst (one TCP write), then 100 reads likewise.
+    let mut burst = Vec::new();
+    for i in 0..100u16 {
+        let sqe = rw(0x01, i, i as u64 * 3, 1, 4096, true);
+        let plen = 72 + 4096;
+        let mut pdu = vec![0u8; plen];
+        pdu[0] = 4;
+        pdu[2] = 72;
+        pdu[3] = 72;
+        pdu[4..8].copy_from_slice(&(plen as u32).to_le_bytes());
+        pdu[8..72].copy_from_slice(&sqe);
+        pdu[72..].copy_from_slice(&block(i as u64));
+        burst.extend_from_slice(&pdu);
+    }
+    s.write_all(&burst).unwrap();
+    let mut seen = std::collections::BTreeSet::new();
+    while seen.len() < 100 {
+        let (ty, h, _) = read_pdu(s);
+        assert_eq!(ty, 0x05);
+        assert_eq!(status(&h[8..24].try_into().unwrap()), (0, 0));
+        assert!(seen.insert(cqe_cid(&h)), "one completion per command");
+    }
+    for i in 0..100u16 {
+        send_capsule(s, rw(0x02, 1000 + i, i as u64 * 3, 1, 4096, false), &[]);
+    }
+    let mut data: std::collections::HashMap<u16, Vec<u8>> = Default::default();
+    let mut done = 0;
+    while done < 100 {
+        match read_pdu(s) {
+            (0x07, h, d) => {
+                let cid = u16::from_le_bytes(h[8..10].try_into().unwrap());
+                data.entry(cid).or_default().extend_from_slice(&d);
+            }
+            (0x05, h, _) => {
+                assert_eq!(status(&h[8..24].try_into().unwrap()), (0, 0));
+                let cid = cqe_cid(&h);
+                assert_eq!(data[&cid], block(cid as u64 - 1000), "read {cid}");
+                done += 1;
+            }
+            (t, ..) => panic!("unexpected PDU {t:#x}"),
+        }
+    }
+
+    // An R2T write in flight while reads pass it: its capsule, then a read;
+    // the read's data may arrive before we answer the R2T.
+    let big: Vec<u8> = block(7).into_iter().chain(block(8)).collect();
+    send_capsule(s, rw(0x01, 500, 600, 2, 8192, false), &[]);
+    send_capsule(s, rw(0x02, 501, 3, 1, 4096, false), &[]);
+    let mut r2t = None;
+    let mut read_ok = false;
+    while r2t.is_none() || !read_ok {
+        match read_pdu(s) {
+            (0x09, h, _) => r2t = Some(h),
+            (0x07, h, d) => {
+                assert_eq!(u16::from_le_bytes(h[8..10].try_into().unwrap()), 501);
+                assert_eq!(d, block(1));
+            }
+            (0x05, h, _) => {
+                assert_eq!(cqe_cid(&h), 501);
+                read_ok = true;
+            }
+            (t, ..) => panic!("unexpected PDU {t:#x}"),
+        }
+    }
+    let h = r2t.unwrap();
+    let ttag = u16::from_le_bytes(h[10..12].try_into().unwrap());
+    let mut d = vec![0u8; 24 + big.len()];
+    d[0] = 0x06;
+    d[1] = 0x04;
+    d[2] = 24;
+    d[3] = 24;
+    d[4..8].copy_from_slice(&((24 + big.len()) as u32).to_le_bytes());
+    d[8..10].copy_from_slice(&500u16.to_le_bytes());
+    d[10..12].copy_from_slice(&ttag.to_le_bytes());
+    d[16..20].copy_from_slice(&(big.len() as u32).to_le_bytes());
+    d[24..].copy_from_slice(&big);
+    s.write_all(&d).unwrap();
+    let (ty, h, _) = read_pdu(s);
+    assert_eq!((ty, cqe_cid(&h)), (0x05, 500));
+    assert_eq!(status(&h[8..24].try_into().unwrap()), (0, 0));
+
+    // Compare: equal data succeeds, different data is a Compare Failure.
+    let c = io.write_r2t(rw(0x05, 601, 600, 2, 8192, false), &big);
+    assert_eq!(status(&c), (0, 0), "compare of equal data");
+    let mut other = big.clone();
+    other[5000] ^= 1;
+    let c = io.write_r2t(rw(0x05, 602, 600, 2, 8192, false), &other);
+    assert_eq!(status(&c), (2, 0x85), "compare failure");
+    let (_, c) = io.cmd(rw(0x05, 603, 3, 1, 4096, true), &block(1));
+    assert_eq!(status(&c), (0, 0), "in-capsule compare");
+}
