@@ -249,6 +249,17 @@ pub struct BdevIo {
     pub buf: IoBuf,
     /// The submitter's own tag (slot index, job id), untouched by layers.
     pub tag: u64,
+    /// Read: the submitter accepts the data where it already lies. A module
+    /// holding the blocks in memory (malloc) then sets [`BdevIo::lent`] to
+    /// a view of them instead of copying into `buf` (SPDK's zero-copy read).
+    /// Layers that transform or inspect data must clear it before passing
+    /// the I/O down.
+    pub zcopy: bool,
+    /// A completed zero-copy read: a borrowed view of the module's memory
+    /// (empty otherwise). Valid while the bdev exists: the submitter keeps
+    /// a channel of the bdev while it uses the view. A concurrent write to
+    /// the same blocks may show through, as it may on a device.
+    pub lent: IoBuf,
     latency_ticks: u64,
     spare_ctx: u64,
     frames: [Option<Frame>; MAX_IO_STACK],
@@ -262,6 +273,8 @@ impl BdevIo {
             num_blocks: 0,
             buf: IoBuf::empty(),
             tag: 0,
+            zcopy: false,
+            lent: IoBuf::empty(),
             status: IoStatus::Pending,
             frames: Default::default(),
             depth: 0,
@@ -426,6 +439,8 @@ impl Drop for IoBox {
         }
         io.status = IoStatus::Pending;
         io.tag = 0;
+        io.zcopy = false;
+        io.lent = IoBuf::empty();
         let _ = IO_POOL.try_with(|p| {
             let mut p = p.borrow_mut();
             if p.len() < IO_POOL_MAX {

@@ -1169,6 +1169,8 @@ impl ConnState {
         let submit = |io_type, slba, nlb, buf| {
             let mut io = IoBox::with(io_type, slba, nlb, buf);
             io.tag = i as u64;
+            // A read may be sent from where the bdev holds it.
+            io.zcopy = opcode == opc::READ;
             ch.submit(io, cb.clone());
         };
         match opcode {
@@ -1225,6 +1227,15 @@ impl ConnState {
             } else {
                 r.buf = buf;
             }
+            if !io.lent.is_empty() {
+                r.lent = std::mem::take(&mut io.lent);
+                let nsid = r.sqe.nsid();
+                r.lent_keep = q
+                    .channels
+                    .iter()
+                    .find(|(n, _)| *n == nsid)
+                    .map(|(_, c)| c.clone());
+            }
         }
         if !io.status().is_success() && r.status.is_success() {
             r.status = Status::generic(sc::INTERNAL_ERROR);
@@ -1271,7 +1282,12 @@ impl ConnState {
         };
         let Some(r) = q.reqs.get_mut(i) else { return };
         let cid = r.sqe.cid();
-        let len = r.buf.len();
+        let data = if r.lent.is_empty() {
+            r.buf.as_slice()
+        } else {
+            r.lent.as_slice()
+        };
+        let len = data.len();
         let mut hdr = [0u8; SHORT_HLEN + DIGEST_BYTES];
         let n = DataHeader {
             cccid: cid,
@@ -1288,7 +1304,7 @@ impl ConnState {
         self.send.push_bytes(&hdr[..n]);
         self.send.push_slot(i, 0, len);
         if self.digests.data {
-            let d = crate::wire::crc32c_digest(r.buf.as_slice());
+            let d = crate::wire::crc32c_digest(data);
             self.send.push_bytes(&d.to_le_bytes());
         }
         r.state = SlotState::Sending;
@@ -1310,13 +1326,8 @@ impl ConnState {
             let mut iov = [IoSlice::new(&[]); MAX_IOV];
             let n = {
                 let reqs = reqs.as_deref();
-                self.send.gather(
-                    |slot| {
-                        reqs.and_then(|t| t.get(slot))
-                            .map_or(&[][..], |r| r.buf.as_slice())
-                    },
-                    &mut iov,
-                )
+                self.send
+                    .gather(|slot| reqs.map_or(&[][..], |t| t.read_data(slot)), &mut iov)
             };
             let sent = if n == 0 {
                 0

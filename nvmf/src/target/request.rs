@@ -37,6 +37,10 @@ pub struct Request {
     pub buf: IoBuf,
     /// Compare: the blocks read to compare with.
     pub aux: IoBuf,
+    /// A zero-copy read's data: a view of the bdev's memory, and the
+    /// channel that keeps the bdev (so the memory) alive until it is sent.
+    pub lent: IoBuf,
+    pub lent_keep: Option<bdev::IoChannel>,
     /// Host data bytes received so far (in-capsule or H2CData).
     pub received: usize,
     /// Bdev I/Os in flight for this command (DSM: one per range).
@@ -54,6 +58,8 @@ impl Request {
             plan: None,
             buf: IoBuf::empty(),
             aux: IoBuf::empty(),
+            lent: IoBuf::empty(),
+            lent_keep: None,
             received: 0,
             outstanding: 0,
             status: Status::SUCCESS,
@@ -101,6 +107,8 @@ impl RequestTable {
         debug_assert!(r.state != SlotState::Free);
         r.state = SlotState::Free;
         r.plan = None;
+        r.lent = IoBuf::empty();
+        r.lent_keep = None;
         if r.buf.capacity() > KEPT_BUF_BYTES {
             r.buf = IoBuf::empty();
         }
@@ -125,6 +133,15 @@ impl RequestTable {
             .enumerate()
             .filter(|(_, r)| r.state == SlotState::AwaitingView)
             .map(|(i, _)| i as u16)
+    }
+
+    /// What a read sends: the lent view if the bdev lent one, else `buf`.
+    pub fn read_data(&self, i: u16) -> &[u8] {
+        match self.slots.get(i as usize) {
+            Some(r) if !r.lent.is_empty() => r.lent.as_slice(),
+            Some(r) => r.buf.as_slice(),
+            None => &[],
+        }
     }
 
     pub fn in_use(&self) -> usize {

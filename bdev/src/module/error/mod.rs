@@ -264,6 +264,8 @@ impl ErrorChannel {
 
 impl BdevChannel for ErrorChannel {
     fn submit(self: Rc<Self>, mut io: IoBox) {
+        // Corruption is injected into the read buffer: no lent views.
+        io.zcopy = false;
         self.in_flight.set(self.in_flight.get() + 1);
         if io.io_type == IoType::Reset {
             self.release_pending();

@@ -18,7 +18,7 @@ use uuid::Uuid;
 use crate::bdev::{Bdev, BdevProps};
 use crate::channel::BdevChannel;
 use crate::error::{BdevError, Result};
-use crate::io::{IoBox, IoStatus, IoType};
+use crate::io::{IoBox, IoBuf, IoStatus, IoType};
 
 pub const MODULE: &str = "malloc";
 
@@ -172,6 +172,12 @@ impl BdevChannel for MallocChannel {
         let n = io.num_blocks as usize * self.block_size;
         debug_assert!(off + n <= self.len);
         let status = match io.io_type {
+            IoType::Read if io.zcopy => {
+                // SAFETY: off+n <= len; the mapping lives as long as the
+                // bdev, which the submitter keeps (BdevIo::lent's contract).
+                io.lent = unsafe { IoBuf::borrowed(self.base.add(off), n) };
+                IoStatus::Success
+            }
             IoType::Read => {
                 // SAFETY: off+n <= len (validated); io.buf holds >= n bytes.
                 unsafe {
