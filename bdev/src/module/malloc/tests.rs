@@ -46,3 +46,45 @@ fn duplicate_name_and_bad_geometry_leave_nothing() {
         assert_eq!(registry::lookup(&m1.uuid().to_string()), Some(m1));
     });
 }
+
+/// Completion callback that keeps the I/O for inspection.
+struct Keep(std::cell::RefCell<Option<crate::io::IoBox>>);
+
+impl crate::io::IoCompletion for Keep {
+    fn io_done(&self, io: crate::io::IoBox) {
+        *self.0.borrow_mut() = Some(io);
+    }
+}
+
+#[test]
+fn a_zero_copy_read_lends_the_blocks_without_touching_the_buffer() {
+    run(|| async {
+        let b = malloc("Z0", 64, 512).await;
+        let data: Vec<u8> = (0..1024u32).map(|i| (i * 13 % 241) as u8).collect();
+        let ch = b.get_channel();
+        ch.write(5, &data).await.unwrap();
+        for zcopy in [true, false] {
+            let keep = std::rc::Rc::new(Keep(std::cell::RefCell::new(None)));
+            let mut io = crate::io::IoBox::with(IoType::Read, 5, 2, crate::io::IoBuf::new(1024));
+            io.zcopy = zcopy;
+            ch.submit(io, keep.clone());
+            let mut io = loop {
+                if let Some(io) = keep.0.borrow_mut().take() {
+                    break io;
+                }
+                futures_lite::future::yield_now().await;
+            };
+            assert!(io.status().is_success());
+            if zcopy {
+                assert_eq!(io.lent.as_slice(), &data[..]);
+                assert!(
+                    io.buf.as_slice().iter().all(|&x| x == 0),
+                    "buffer untouched"
+                );
+            } else {
+                assert!(io.lent.is_empty());
+                assert_eq!(io.take_buf().as_slice(), &data[..]);
+            }
+        }
+    });
+}
