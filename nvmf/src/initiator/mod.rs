@@ -5,7 +5,7 @@
 //! the `nvme` bdev module will build on the same wire code with
 //! reactor-driven sockets.
 
-use std::io::{BufReader, Read, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 
 use crate::wire::fabrics::{fctype, ConnectCmd, ConnectData, PropertyCmd, CNTLID_DYNAMIC};
@@ -92,6 +92,7 @@ pub struct HostQueue {
     /// The last PDU received (its data, for C2HData).
     pdu: Vec<u8>,
     data: std::ops::Range<usize>,
+    discard_data: bool,
     pub digests: Digests,
     pub maxh2cdata: u32,
     pub cntlid: u16,
@@ -117,6 +118,7 @@ impl HostQueue {
             tx: Vec::with_capacity(64 * 1024),
             pdu: Vec::with_capacity(RX_BUF_BYTES),
             data: 0..0,
+            discard_data: false,
             digests: Digests::default(),
             maxh2cdata: 0,
             cntlid,
@@ -260,7 +262,27 @@ impl HostQueue {
         !self.reader.buffer().is_empty()
     }
 
-    /// The data of the last C2HData received.
+    /// Drops `n` received bytes without copying them.
+    fn skip(&mut self, mut n: usize) -> Result<(), HostError> {
+        while n > 0 {
+            let avail = self.reader.fill_buf()?.len();
+            if avail == 0 {
+                return Err(HostError::Io(std::io::ErrorKind::UnexpectedEof.into()));
+            }
+            let k = avail.min(n);
+            self.reader.consume(k);
+            n -= k;
+        }
+        Ok(())
+    }
+
+    /// Read data is not kept (a load generator does not look at it):
+    /// C2HData payloads are skipped in the receive buffer, not copied.
+    pub fn set_discard_data(&mut self, on: bool) {
+        self.discard_data = on;
+    }
+
+    /// The data of the last C2HData received (empty when discarded).
     pub fn data(&self) -> &[u8] {
         &self.pdu[self.data.clone()]
     }
@@ -278,8 +300,14 @@ impl HostQueue {
             check(&ch, false, self.digests).map_err(|e| HostError::Protocol(e.to_string()))?;
         self.pdu.clear();
         self.pdu.extend_from_slice(&chb);
-        self.pdu.resize(l.plen, 0);
+        let skip = if self.discard_data && l.pdu_type == PduType::C2HData {
+            l.plen - l.data_offset
+        } else {
+            0
+        };
+        self.pdu.resize(l.plen - skip, 0);
         self.reader.read_exact(&mut self.pdu[CH_BYTES..])?;
+        self.skip(skip)?;
         let buf = &self.pdu;
         match l.pdu_type {
             PduType::CapsuleResp => Ok(HostPdu::Resp(
@@ -287,7 +315,11 @@ impl HostQueue {
             )),
             PduType::C2HData => {
                 let h = DataHeader::parse(buf).ok_or(HostError::Protocol("short".into()))?;
-                self.data = l.data_offset..l.data_offset + l.data_len;
+                self.data = if skip > 0 {
+                    0..0
+                } else {
+                    l.data_offset..l.data_offset + l.data_len
+                };
                 Ok(HostPdu::Data(h.cccid, h.offset, l.data_len))
             }
             PduType::R2T => {

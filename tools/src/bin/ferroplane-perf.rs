@@ -311,6 +311,7 @@ fn worker(j: &Job, qid: u16, core: u32) -> Result<WorkerResult, String> {
     )
     .map_err(e)?;
     io.set_busy_poll(j.busy_poll).map_err(e)?;
+    io.set_discard_data(true);
     let payload = vec![0xA5u8; j.io_size as usize];
     let mut rng = Rng(0x2545_F491_4F6C_DD1D ^ ((core as u64 + 1) << 32));
     let mut seq = (qid as u64 - 1) * (j.units / 8).max(1);

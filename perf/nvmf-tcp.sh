@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# NVMe/TCP target on core 0 (malloc namespace), ferroplane-perf on core 1:
+# 4 KiB randread QD1/32/128, randwrite QD32, 128 KiB read QD16, and QD32
+# randread with header + data digests; adaptive and busy poll modes
+# interleaved, REPS rounds; prints each run and the median per cell.
+# Usage: perf/nvmf-tcp.sh [SECONDS_PER_RUN] [REPS]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+T_S="${1:-4}"
+REPS="${2:-3}"
+PORT=4421
+NQN=nqn.2016-06.io.spdk:cnode1
+cargo build --release --workspace -q
+CONF="$(mktemp)"
+cat > "$CONF" <<JSON
+{"subsystems":[{"subsystem":"bdev","config":[{"method":"bdev_malloc_create","params":{"name":"Malloc0","num_blocks":65536,"block_size":4096}}]},
+{"subsystem":"nvmf","config":[{"method":"nvmf_create_transport","params":{"trtype":"TCP"}},
+{"method":"nvmf_create_subsystem","params":{"nqn":"$NQN","allow_any_host":true}},
+{"method":"nvmf_subsystem_add_ns","params":{"nqn":"$NQN","namespace":{"bdev_name":"Malloc0","nsid":1}}},
+{"method":"nvmf_subsystem_add_listener","params":{"nqn":"$NQN","listen_address":{"trtype":"TCP","adrfam":"IPv4","traddr":"127.0.0.1","trsvcid":"$PORT"}}}]}]}
+JSON
+WORKLOADS=("-q 1 -o 4096 -w randread" "-q 32 -o 4096 -w randread" "-q 128 -o 4096 -w randread"
+           "-q 32 -o 4096 -w randwrite" "-q 16 -o 131072 -w read"
+           "-q 32 -o 4096 -w randread --hdr-digest --data-digest")
+RES="$(mktemp)"
+for rep in $(seq "$REPS"); do
+  for mode in adaptive busy; do
+    taskset -c 0 ./target/release/ferroplane --cpus 0 -c "$CONF" -r /tmp/ferroplane-perf.sock \
+        --poll-mode "$mode" >/dev/null 2>&1 &
+    TGT=$!
+    sleep 1
+    for i in "${!WORKLOADS[@]}"; do
+      # shellcheck disable=SC2086
+      out=$(./target/release/ferroplane-perf -c 0x2 --json -t "$T_S" ${WORKLOADS[$i]} \
+            -r "trtype:tcp adrfam:IPv4 traddr:127.0.0.1 trsvcid:$PORT subnqn:$NQN")
+      iops=$(echo "$out" | python3 -c 'import json,sys; print(round(json.load(sys.stdin)["iops"]))')
+      lat=$(echo "$out" | python3 -c 'import json,sys; print(round(json.load(sys.stdin)["latency_us"]["avg"],1))')
+      echo "$mode|$i|$iops|$lat" >> "$RES"
+      echo "rep $rep $mode ${WORKLOADS[$i]}: $iops IOPS, avg $lat us"
+    done
+    kill "$TGT"; wait "$TGT" 2>/dev/null || true
+  done
+done
+echo
+echo "| workload | adaptive IOPS (avg µs) | busy IOPS (avg µs) |"
+echo "|---|---:|---:|"
+python3 - "$RES" "${WORKLOADS[@]}" <<'PY'
+import sys, statistics
+res, wl = sys.argv[1], sys.argv[2:]
+rows = [l.strip().split('|') for l in open(res)]
+for i, w in enumerate(wl):
+    cell = []
+    for mode in ('adaptive', 'busy'):
+        r = [(int(x[2]), float(x[3])) for x in rows if x[0] == mode and int(x[1]) == i]
+        iops = statistics.median(v[0] for v in r); lat = statistics.median(v[1] for v in r)
+        mib = f", {iops*131072/2**20:.0f} MiB/s" if "131072" in w else ""
+        cell.append(f"{iops:,.0f}{mib} ({lat})")
+    print(f"| `{w}` | {cell[0]} | {cell[1]} |")
+PY
+rm -f "$CONF" "$RES"
