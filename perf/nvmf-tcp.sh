@@ -4,6 +4,8 @@
 # randread with header + data digests; adaptive and busy poll modes
 # interleaved, REPS rounds; prints each run and the median per cell.
 # Usage: perf/nvmf-tcp.sh [SECONDS_PER_RUN] [REPS]
+# With FERROPLANE_BASELINE_BIN=path/to/other/ferroplane, that binary runs
+# the same matrix (adaptive) in the same rounds, for a same-run ratio.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 T_S="${1:-4}"
@@ -23,10 +25,15 @@ WORKLOADS=("-q 1 -o 4096 -w randread" "-q 32 -o 4096 -w randread" "-q 128 -o 409
            "-q 32 -o 4096 -w randwrite" "-q 16 -o 131072 -w read"
            "-q 32 -o 4096 -w randread --hdr-digest --data-digest")
 RES="$(mktemp)"
+MODES=(adaptive busy)
+if [ -n "${FERROPLANE_BASELINE_BIN:-}" ]; then MODES+=(baseline); fi
 for rep in $(seq "$REPS"); do
-  for mode in adaptive busy; do
-    taskset -c 0 ./target/release/ferroplane --cpus 0 -c "$CONF" -r /tmp/ferroplane-perf.sock \
-        --poll-mode "$mode" >/dev/null 2>&1 &
+  for mode in "${MODES[@]}"; do
+    BIN=./target/release/ferroplane
+    PM=$mode
+    if [ "$mode" = baseline ]; then BIN=$FERROPLANE_BASELINE_BIN; PM=adaptive; fi
+    taskset -c 0 "$BIN" --cpus 0 -c "$CONF" -r /tmp/ferroplane-perf.sock \
+        --poll-mode "$PM" >/dev/null 2>&1 &
     TGT=$!
     sleep 1
     for i in "${!WORKLOADS[@]}"; do
@@ -42,19 +49,25 @@ for rep in $(seq "$REPS"); do
   done
 done
 echo
-echo "| workload | adaptive IOPS (avg µs) | busy IOPS (avg µs) |"
-echo "|---|---:|---:|"
 python3 - "$RES" "${WORKLOADS[@]}" <<'PY'
 import sys, statistics
 res, wl = sys.argv[1], sys.argv[2:]
 rows = [l.strip().split('|') for l in open(res)]
+modes = [m for m in ('adaptive', 'busy', 'baseline') if any(x[0] == m for x in rows)]
+print("| workload | " + " | ".join(f"{m} IOPS (avg µs)" for m in modes)
+      + (" | adaptive / baseline |" if 'baseline' in modes else " |"))
+print("|---|" + "---:|" * (len(modes) + ('baseline' in modes)))
 for i, w in enumerate(wl):
     cell = []
-    for mode in ('adaptive', 'busy'):
+    med = {}
+    for mode in modes:
         r = [(int(x[2]), float(x[3])) for x in rows if x[0] == mode and int(x[1]) == i]
         iops = statistics.median(v[0] for v in r); lat = statistics.median(v[1] for v in r)
         mib = f", {iops*131072/2**20:.0f} MiB/s" if "131072" in w else ""
+        med[mode] = iops
         cell.append(f"{iops:,.0f}{mib} ({lat})")
-    print(f"| `{w}` | {cell[0]} | {cell[1]} |")
+    if 'baseline' in med:
+        cell.append(f"{med['adaptive'] / med['baseline']:.2f}")
+    print(f"| `{w}` | " + " | ".join(cell) + " |")
 PY
 rm -f "$CONF" "$RES"

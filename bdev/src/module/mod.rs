@@ -5,6 +5,7 @@ pub mod delay;
 pub mod error;
 pub mod malloc;
 pub mod null;
+pub mod raid;
 pub mod uring;
 
 use crate::error::{BdevError, Result};
@@ -40,4 +41,5 @@ pub fn register_rpcs(table: &mut RpcTable) {
     delay::rpc::register(table);
     error::rpc::register(table);
     uring::rpc::register(table);
+    raid::rpc::register(table);
 }

@@ -1,0 +1,430 @@
+//! A RAID's channel on one core: maps each I/O onto member I/Os ("children")
+//! submitted to the members' channels on the same core, and completes the
+//! I/O when its children have.
+//!
+//! - raid0: split at strip boundaries, strip `s` on member `s % n`.
+//! - concat: members back to back, split at member boundaries.
+//! - raid1: writes (and unmap, write zeroes, flush, reset) go to every
+//!   operational or rebuilding member and succeed if an operational one
+//!   did; a member that fails a write is marked failed. Reads go to the
+//!   operational member with the fewest I/Os outstanding on this core and
+//!   are retried on the others if they fail.
+//!
+//! Children borrow the parent's buffer (no copy); the parent waits in a
+//! per-channel slab (no allocation per I/O once it has grown). A child's
+//! tag is `parent << 8 | slot`.
+
+use std::cell::{Cell, RefCell};
+use std::rc::{Rc, Weak};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use super::{Level, MemberState, RaidShared};
+use crate::channel::{BdevChannel, IoChannel};
+use crate::io::{IoBox, IoBuf, IoCompletion, IoStatus, IoType};
+
+struct Parent {
+    io: Option<IoBox>,
+    /// Children still in flight.
+    remaining: u32,
+    failed: bool,
+    /// raid1 writes: children that succeeded on operational members.
+    ok_operational: u32,
+    /// raid1 reads: members already tried.
+    tried: u64,
+}
+
+pub(super) struct RaidChannel {
+    shared: Arc<RaidShared>,
+    generation: Cell<u64>,
+    members: RefCell<Vec<Option<IoChannel>>>,
+    /// This core's I/Os outstanding per member (raid1 read balancing).
+    outstanding: RefCell<Vec<u32>>,
+    parents: RefCell<Vec<Parent>>,
+    free: RefCell<Vec<u32>>,
+    /// Children being planned (kept to reuse its allocation).
+    scratch: RefCell<Vec<(usize, IoBox)>>,
+    me: Weak<RaidChannel>,
+}
+
+impl RaidChannel {
+    pub(super) fn new(shared: Arc<RaidShared>) -> Rc<RaidChannel> {
+        let n = shared.num_slots();
+        Rc::new_cyclic(|me| RaidChannel {
+            shared,
+            generation: Cell::new(0),
+            members: RefCell::new(vec![None; n]),
+            outstanding: RefCell::new(vec![0; n]),
+            parents: RefCell::new(Vec::new()),
+            free: RefCell::new(Vec::new()),
+            scratch: RefCell::new(Vec::new()),
+            me: me.clone(),
+        })
+    }
+
+    /// Picks up member changes (rare): takes the members lock, off the
+    /// per-I/O path.
+    fn refresh(&self) {
+        let g = self.shared.generation.load(Ordering::Acquire);
+        if g == self.generation.get() {
+            return;
+        }
+        let members = self
+            .shared
+            .members
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let mut chans = self.members.borrow_mut();
+        chans.resize(members.len(), None);
+        self.outstanding.borrow_mut().resize(members.len(), 0);
+        for (i, m) in members.iter().enumerate() {
+            let usable = matches!(
+                self.shared.state(i),
+                MemberState::Operational | MemberState::Rebuilding
+            );
+            let same = chans[i]
+                .as_ref()
+                .zip(m.bdev.as_ref())
+                .is_some_and(|(c, b)| c.bdev().id() == b.id());
+            if !usable || m.bdev.is_none() {
+                chans[i] = None;
+            } else if !same {
+                chans[i] = m.bdev.as_ref().map(|b| b.get_channel());
+            }
+        }
+        self.generation.set(g);
+    }
+
+    fn channel(&self, slot: usize) -> Option<IoChannel> {
+        self.members.borrow().get(slot).cloned().flatten()
+    }
+
+    fn park(&self, io: IoBox) -> u32 {
+        let p = Parent {
+            io: Some(io),
+            remaining: 0,
+            failed: false,
+            ok_operational: 0,
+            tried: 0,
+        };
+        let mut parents = self.parents.borrow_mut();
+        match self.free.borrow_mut().pop() {
+            Some(i) => {
+                parents[i as usize] = p;
+                i
+            }
+            None => {
+                parents.push(p);
+                (parents.len() - 1) as u32
+            }
+        }
+    }
+
+    /// Takes a finished parent out of the slab.
+    fn unpark(&self, p: u32) -> Option<IoBox> {
+        let io = self.parents.borrow_mut().get_mut(p as usize)?.io.take();
+        self.free.borrow_mut().push(p);
+        io
+    }
+
+    fn complete(&self, p: u32, status: IoStatus) {
+        // No borrow is held here: the completion may run the submitter,
+        // which may submit to this channel again.
+        if let Some(io) = self.unpark(p) {
+            io.complete(status);
+        }
+    }
+
+    /// A child of parent `p` for member `slot`: `nblocks` at member block
+    /// `member_off` (before the data offset), data at `buf_off` blocks
+    /// into the parent's buffer.
+    fn child(
+        &self,
+        p: u32,
+        slot: usize,
+        io_type: IoType,
+        member_off: u64,
+        nblocks: u64,
+        buf_off: u64,
+    ) -> Option<IoBox> {
+        let buf = if io_type.has_data() {
+            let parents = self.parents.borrow();
+            let parent = parents.get(p as usize)?.io.as_ref()?;
+            let bs = self.shared.block_size as u64;
+            let (at, len) = ((buf_off * bs) as usize, (nblocks * bs) as usize);
+            if at + len > parent.buf.len() {
+                return None;
+            }
+            // SAFETY: the parent (and its buffer, whose heap allocation does
+            // not move with it) stays parked in the slab until every child
+            // has completed; children cover disjoint ranges of it.
+            unsafe { IoBuf::borrowed(parent.buf.as_ptr().add(at) as *mut u8, len) }
+        } else {
+            IoBuf::empty()
+        };
+        let offset = if nblocks == 0 {
+            0
+        } else {
+            self.shared.data_offset + member_off
+        };
+        let mut io = IoBox::with(io_type, offset, nblocks, buf);
+        io.tag = (p as u64) << 8 | slot as u64;
+        Some(io)
+    }
+
+    fn send(self: &Rc<Self>, slot: usize, io: IoBox) {
+        if let Some(o) = self.outstanding.borrow_mut().get_mut(slot) {
+            *o += 1;
+        }
+        match self.channel(slot) {
+            Some(ch) => ch.submit(io, self.clone()),
+            // Checked by the caller; a failed child if it happens anyway.
+            None => {
+                let (t, off, len) = (io.io_type, io.offset_blocks, io.num_blocks);
+                let tag = io.tag;
+                drop(io);
+                self.child_done(tag, false, t, off, len);
+            }
+        }
+    }
+
+    /// raid0 and concat: one child per strip (raid0) or member (concat)
+    /// piece of the range; flush and reset go to every member.
+    fn striped(self: &Rc<Self>, p: u32, io_type: IoType, off: u64, len: u64) {
+        let n = self.shared.num_slots() as u64;
+        let mut children = self.scratch.take();
+        if matches!(io_type, IoType::Flush | IoType::Reset) || len == 0 {
+            for slot in 0..n as usize {
+                if let Some(c) = self.child(p, slot, io_type, 0, 0, 0) {
+                    children.push((slot, c));
+                }
+            }
+        } else {
+            let (strip, ds) = (self.shared.strip_size_blocks as u64, self.shared.data_size);
+            let end = off + len;
+            let mut o = off;
+            while o < end {
+                let (slot, moff, k) = match self.shared.level {
+                    Level::Concat => {
+                        let slot = o / ds;
+                        let moff = o % ds;
+                        (slot as usize, moff, (ds - moff).min(end - o))
+                    }
+                    _ => {
+                        let s = o / strip;
+                        let within = o % strip;
+                        let slot = (s % n) as usize;
+                        (
+                            slot,
+                            (s / n) * strip + within,
+                            (strip - within).min(end - o),
+                        )
+                    }
+                };
+                match self.child(p, slot, io_type, moff, k, o - off) {
+                    Some(c) => children.push((slot, c)),
+                    None => {
+                        children.clear();
+                        break;
+                    }
+                }
+                o += k;
+            }
+        }
+        self.launch(p, children);
+    }
+
+    /// raid1 writes and other commands: every operational or rebuilding
+    /// member.
+    fn mirrored(self: &Rc<Self>, p: u32, io_type: IoType, off: u64, len: u64) {
+        if io_type != IoType::Flush && io_type != IoType::Reset {
+            self.note_rebuild_overlap(off, len);
+        }
+        let mut children = self.scratch.take();
+        for slot in 0..self.shared.num_slots() {
+            if self.channel(slot).is_none() {
+                continue;
+            }
+            let (moff, k) = if matches!(io_type, IoType::Flush | IoType::Reset) {
+                (0, 0)
+            } else {
+                (off, len)
+            };
+            if let Some(c) = self.child(p, slot, io_type, moff, k, 0) {
+                children.push((slot, c));
+            }
+        }
+        self.launch(p, children);
+    }
+
+    /// Submits `children` of `p`; fails `p` when there are none or a
+    /// member they need has no channel (raid0/concat with a member gone).
+    fn launch(self: &Rc<Self>, p: u32, mut children: Vec<(usize, IoBox)>) {
+        let usable =
+            !children.is_empty() && children.iter().all(|(s, _)| self.channel(*s).is_some());
+        if usable {
+            if let Some(parent) = self.parents.borrow_mut().get_mut(p as usize) {
+                parent.remaining = children.len() as u32;
+            }
+            for (slot, c) in children.drain(..) {
+                self.send(slot, c);
+            }
+        } else {
+            children.clear();
+        }
+        // The (empty) scratch goes back for the next I/O.
+        self.scratch.replace(children);
+        if !usable {
+            self.complete(p, IoStatus::Failed);
+        }
+    }
+
+    /// raid1 read: the untried operational member with the fewest I/Os
+    /// outstanding here; None when all have been tried.
+    fn pick_reader(&self, tried: u64) -> Option<usize> {
+        let out = self.outstanding.borrow();
+        (0..self.shared.num_slots())
+            .filter(|&s| {
+                tried & (1 << s) == 0
+                    && self.shared.state(s) == MemberState::Operational
+                    && self.members.borrow().get(s).is_some_and(|c| c.is_some())
+            })
+            .min_by_key(|&s| out.get(s).copied().unwrap_or(0))
+    }
+
+    fn read_from(self: &Rc<Self>, p: u32) {
+        let (tried, off, len) = {
+            let parents = self.parents.borrow();
+            let Some(parent) = parents.get(p as usize) else {
+                return;
+            };
+            let Some(io) = parent.io.as_ref() else { return };
+            (parent.tried, io.offset_blocks, io.num_blocks)
+        };
+        let Some(slot) = self.pick_reader(tried) else {
+            return self.complete(p, IoStatus::Failed);
+        };
+        if let Some(parent) = self.parents.borrow_mut().get_mut(p as usize) {
+            parent.tried |= 1 << slot;
+            parent.remaining = 1;
+        }
+        match self.child(p, slot, IoType::Read, off, len, 0) {
+            Some(c) => self.send(slot, c),
+            None => self.complete(p, IoStatus::Failed),
+        }
+    }
+
+    /// A foreground write into the range a rebuild is copying makes the
+    /// rebuild redo that range.
+    fn note_rebuild_overlap(&self, off: u64, len: u64) {
+        let rb = &self.shared.rebuild;
+        if !rb.active.load(Ordering::Acquire) {
+            return;
+        }
+        let (s, e) = (
+            rb.window_start.load(Ordering::Acquire),
+            rb.window_end.load(Ordering::Acquire),
+        );
+        if off < e && s < off + len {
+            rb.dirty.store(true, Ordering::Release);
+        }
+    }
+
+    /// A member failed an I/O: no more I/O to it; the main reactor releases
+    /// it and records that in the superblock.
+    fn member_failed(&self, slot: usize) {
+        if self.shared.state(slot) == MemberState::Failed {
+            return;
+        }
+        self.shared.set_state(slot, MemberState::Failed);
+        let name = self.shared.name.clone();
+        reactor::send(reactor::main_core(), move || {
+            reactor::spawn_local(super::rebuild::member_failed(name, slot))
+        });
+    }
+}
+
+impl BdevChannel for RaidChannel {
+    fn submit(self: Rc<Self>, io: IoBox) {
+        self.refresh();
+        let (io_type, off, len) = (io.io_type, io.offset_blocks, io.num_blocks);
+        let p = self.park(io);
+        match (self.shared.level, io_type) {
+            (Level::Raid1, IoType::Read) => self.read_from(p),
+            (Level::Raid1, _) => self.mirrored(p, io_type, off, len),
+            _ => self.striped(p, io_type, off, len),
+        }
+    }
+}
+
+impl IoCompletion for RaidChannel {
+    fn io_done(&self, child: IoBox) {
+        let ok = child.status().is_success();
+        let (tag, t, off, len) = (
+            child.tag,
+            child.io_type,
+            child.offset_blocks,
+            child.num_blocks,
+        );
+        drop(child);
+        self.child_done(tag, ok, t, off, len);
+    }
+}
+
+impl RaidChannel {
+    fn child_done(&self, tag: u64, ok: bool, io_type: IoType, member_off: u64, len: u64) {
+        let Some(me) = self.me.upgrade() else { return };
+        let p = (tag >> 8) as u32;
+        let slot = (tag & 0xFF) as usize;
+        let off = member_off.saturating_sub(self.shared.data_offset);
+        if let Some(o) = self.outstanding.borrow_mut().get_mut(slot) {
+            *o = o.saturating_sub(1);
+        }
+        let raid1 = self.shared.level == Level::Raid1;
+        if raid1 && io_type == IoType::Read {
+            if ok {
+                return self.complete(p, IoStatus::Success);
+            }
+            log::warn!(
+                "raid {}: read failed on slot {slot}, retrying on another member",
+                self.shared.name
+            );
+            return me.read_from(p);
+        }
+        if raid1 && matches!(io_type, IoType::Write | IoType::WriteZeroes | IoType::Unmap) {
+            self.note_rebuild_overlap(off, len);
+        }
+        let done = {
+            let mut parents = self.parents.borrow_mut();
+            let Some(parent) = parents.get_mut(p as usize) else {
+                return;
+            };
+            parent.remaining = parent.remaining.saturating_sub(1);
+            if ok {
+                if self.shared.state(slot) == MemberState::Operational {
+                    parent.ok_operational += 1;
+                }
+            } else {
+                parent.failed = true;
+            }
+            (parent.remaining == 0).then_some((parent.failed, parent.ok_operational))
+        };
+        if !ok && raid1 {
+            self.member_failed(slot);
+        }
+        if let Some((failed, ok_operational)) = done {
+            let status = if raid1 {
+                if ok_operational > 0 {
+                    IoStatus::Success
+                } else {
+                    IoStatus::Failed
+                }
+            } else if failed {
+                IoStatus::Failed
+            } else {
+                IoStatus::Success
+            };
+            self.complete(p, status);
+        }
+    }
+}

@@ -1,0 +1,164 @@
+//! Rebuilding a raid1 member, and what happens when a member fails.
+//!
+//! A rebuild is a task on the main reactor that copies the data region
+//! from an operational member to the target one [`STEP_BYTES`] at a time.
+//! Each step publishes its range as the rebuild window; foreground writes
+//! that touch the window while the step runs (submitted or completed) mark
+//! it dirty and the step is copied again, so a write racing the copy never
+//! leaves the target stale. Between steps the task yields to I/O and checks
+//! its [`CancelToken`]: deleting the RAID or removing the target member
+//! cancels it at a step boundary. Progress is in [`super::RebuildProgress`].
+
+use std::cell::RefCell;
+use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use reactor::CancelToken;
+
+use super::{MemberState, RaidShared};
+
+/// Bytes copied per step: bounded work between yields and cancel checks.
+pub const STEP_BYTES: u64 = 1 << 20;
+/// Redos of one step after which the racing writes are logged (the step
+/// is still redone until it copies cleanly).
+const MAX_REDO: u32 = 64;
+
+thread_local! {
+    static RUNNING: RefCell<BTreeMap<String, CancelToken>> = const { RefCell::new(BTreeMap::new()) };
+}
+
+/// Starts rebuilding slot `target` of `shared` (already `Rebuilding`).
+pub(super) fn start(shared: Arc<RaidShared>, target: usize) {
+    let token = CancelToken::new();
+    let Ok(guard) = token.begin() else { return };
+    RUNNING.with(|r| r.borrow_mut().insert(shared.name.clone(), token.clone()));
+    reactor::spawn_local(async move {
+        let result = copy_all(&shared, target, &token).await;
+        shared.rebuild.active.store(false, Ordering::Release);
+        RUNNING.with(|r| r.borrow_mut().remove(&shared.name));
+        match result {
+            Ok(true) => {
+                shared.set_state(target, MemberState::Operational);
+                log::info!("raid {}: rebuild of slot {target} done", shared.name);
+                let _ = super::write_superblock(&shared, false).await;
+            }
+            Ok(false) => log::info!("raid {}: rebuild of slot {target} cancelled", shared.name),
+            Err(e) => {
+                log::warn!("raid {}: rebuild of slot {target} failed: {e}", shared.name);
+            }
+        }
+        drop(guard);
+    });
+}
+
+/// Cancels the rebuild of RAID `name`, if any, and waits until it stopped.
+pub(super) async fn cancel(name: &str) {
+    let token = RUNNING.with(|r| r.borrow().get(name).cloned());
+    if let Some(t) = token {
+        t.cancel().await;
+    }
+}
+
+/// Copies the whole data region; Ok(false) when cancelled.
+async fn copy_all(
+    shared: &Arc<RaidShared>,
+    target: usize,
+    token: &CancelToken,
+) -> crate::Result<bool> {
+    let rb = &shared.rebuild;
+    let bs = shared.block_size as u64;
+    let total = shared.data_size;
+    let step = (STEP_BYTES / bs).max(1);
+    rb.slot.store(target as u64, Ordering::Release);
+    rb.total_blocks.store(total, Ordering::Release);
+    rb.done_blocks.store(0, Ordering::Release);
+    rb.window_start.store(0, Ordering::Release);
+    rb.window_end.store(0, Ordering::Release);
+    rb.active.store(true, Ordering::Release);
+    log::info!(
+        "raid {}: rebuilding slot {target}, {total} blocks",
+        shared.name
+    );
+    let mut at = 0;
+    while at < total {
+        if token.is_cancelled() {
+            return Ok(false);
+        }
+        if shared.state(target) != MemberState::Rebuilding {
+            return Err(crate::BdevError::Io);
+        }
+        let n = step.min(total - at);
+        let mut redo = 0;
+        loop {
+            rb.dirty.store(false, Ordering::SeqCst);
+            rb.window_start.store(at, Ordering::SeqCst);
+            rb.window_end.store(at + n, Ordering::SeqCst);
+            copy_step(shared, target, at, n).await?;
+            if !rb.dirty.load(Ordering::SeqCst) {
+                break;
+            }
+            redo += 1;
+            if redo == MAX_REDO {
+                log::warn!(
+                    "raid {}: rebuild step at block {at} keeps racing writes",
+                    shared.name
+                );
+            }
+            if token.is_cancelled() {
+                return Ok(false);
+            }
+        }
+        at += n;
+        rb.done_blocks.store(at, Ordering::Release);
+        // Yield to foreground work between steps.
+        futures_lite::future::yield_now().await;
+    }
+    rb.window_start.store(0, Ordering::Release);
+    rb.window_end.store(0, Ordering::Release);
+    Ok(true)
+}
+
+/// Copies blocks `[at, at+n)` of the data region from an operational
+/// member to `target`.
+async fn copy_step(shared: &Arc<RaidShared>, target: usize, at: u64, n: u64) -> crate::Result<()> {
+    let (source, dest) = {
+        let members = shared.members.lock().unwrap_or_else(|e| e.into_inner());
+        let source = (0..members.len())
+            .filter(|&i| i != target && shared.state(i) == MemberState::Operational)
+            .find_map(|i| members[i].bdev.clone());
+        (source, members.get(target).and_then(|m| m.bdev.clone()))
+    };
+    let (Some(source), Some(dest)) = (source, dest) else {
+        return Err(crate::BdevError::Io);
+    };
+    let off = shared.data_offset + at;
+    let data = source.get_channel().read(off, n).await?;
+    dest.get_channel().write(off, &data).await
+}
+
+/// A member failed an I/O (reported by a channel): release it, stop a
+/// rebuild onto it, record it in the superblock of the others.
+pub(super) async fn member_failed(name: String, slot: usize) {
+    let Some(shared) = super::find(&name) else {
+        return;
+    };
+    let rebuilding_it = shared.rebuild.active.load(Ordering::Acquire)
+        && shared.rebuild.slot.load(Ordering::Acquire) == slot as u64;
+    if rebuilding_it {
+        cancel(&name).await;
+    }
+    let desc = {
+        let mut members = shared.members.lock().unwrap_or_else(|e| e.into_inner());
+        members.get_mut(slot).and_then(|m| {
+            log::warn!("raid {name}: member {} failed, released", m.name);
+            m.bdev = None;
+            m.desc.take()
+        })
+    };
+    drop(desc);
+    shared.generation.fetch_add(1, Ordering::AcqRel);
+    if shared.operational() > 0 {
+        let _ = super::write_superblock(&shared, false).await;
+    }
+}
