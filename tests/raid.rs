@@ -334,7 +334,17 @@ fn file_backed_raid1_reassembles_runs_degraded_and_rebuilds_to_identical_members
     for (off, d) in &written {
         assert_eq!(&read(&t, "R1", *off, 2), d);
     }
+    // Deleted without clear_sb: the superblocks stay (as SPDK's), and the
+    // RAID reassembles at the next start.
     t.ok("bdev_raid_delete", json!({"name": "R1"}));
+    assert!(!claimed(&t, "U0") && !claimed(&t, "U1"));
+    drop(t);
+    let t = Target::start();
+    aio(&t, "U0", &fa);
+    aio(&t, "U1", &fb);
+    t.ok("bdev_wait_for_examine", Value::Null);
+    assert_eq!(raid_info(&t, "R1")["num_base_bdevs_operational"], 2);
+    t.ok("bdev_raid_delete", json!({"name": "R1", "clear_sb": true}));
     drop(t);
     let a = std::fs::read(&fa).unwrap();
     let b = std::fs::read(&fb).unwrap();
@@ -343,4 +353,99 @@ fn file_backed_raid1_reassembles_runs_degraded_and_rebuilds_to_identical_members
         a[data_offset..] == b[data_offset..],
         "members' data regions differ after the rebuild"
     );
+    // Deleted with clear_sb: the members do not reassemble it.
+    let t = Target::start();
+    aio(&t, "U0", &fa);
+    aio(&t, "U1", &fb);
+    t.ok("bdev_wait_for_examine", Value::Null);
+    assert_eq!(t.ok("bdev_raid_get_bdevs", json!({})), json!([]));
+    assert!(!claimed(&t, "U0") && !claimed(&t, "U1"));
+}
+
+#[test]
+fn writes_during_a_rebuild_reach_the_new_member_and_delete_cancels_a_rebuild() {
+    let t = Target::start();
+    for i in 0..3 {
+        t.ok(
+            "bdev_malloc_create",
+            json!({"name": format!("M{i}"), "num_blocks": 32768, "block_size": 512}),
+        );
+    }
+    // The rebuild's source is slow to read (a delay bdev takes the data at
+    // submit and completes 20 ms later), so a foreground write can land
+    // between the copy's read and its write: the race the rebuild window
+    // must catch, else the new member keeps the old data.
+    t.ok(
+        "bdev_delay_create",
+        json!({"name": "S0", "base_bdev_name": "M0", "avg_read_latency": 20000, "p99_read_latency": 20000,
+               "avg_write_latency": 0, "p99_write_latency": 0}),
+    );
+    t.ok(
+        "bdev_raid_create",
+        json!({"name": "R1", "raid_level": "raid1", "base_bdevs": ["S0", "M1"], "superblock": true}),
+    );
+    let info = raid_info(&t, "R1");
+    let data_offset = info["base_bdevs_list"][0]["data_offset"].as_u64().unwrap();
+    let data_size = info["base_bdevs_list"][0]["data_size"].as_u64().unwrap();
+    t.ok("bdev_raid_remove_base_bdev", json!({"name": "M1"}));
+    t.ok(
+        "bdev_raid_add_base_bdev",
+        json!({"raid_bdev": "R1", "base_bdev": "M2"}),
+    );
+    // While it rebuilds: progress is reported, and writes land everywhere.
+    let mut saw_progress = false;
+    let mut i = 0u64;
+    loop {
+        let info = raid_info(&t, "R1");
+        if info["num_base_bdevs_operational"] == 2 {
+            break;
+        }
+        if let Some(p) = info.get("process") {
+            assert_eq!(p["type"], "rebuild");
+            assert_eq!(p["target"], "M2");
+            assert!(p["progress"]["percent"].as_u64().unwrap() <= 100);
+            saw_progress = true;
+        }
+        // Just ahead of the copy: most land in the step being copied.
+        let done = info["process"]["progress"]["blocks"].as_u64().unwrap_or(0);
+        let off = (done + (i * 613) % 2048).min(data_size - 16);
+        write(&t, "R1", off, &pattern(8192, (i % 251) as u8));
+        i += 1;
+        assert!(i < 20000, "rebuild never finished: {info}");
+    }
+    assert!(
+        saw_progress && i > 10,
+        "rebuild too quick to observe ({i} writes)"
+    );
+    // The new member holds exactly what the old one does.
+    let chunk = 2048;
+    let mut at = 0;
+    while at < data_size {
+        let n = chunk.min(data_size - at);
+        assert_eq!(
+            read(&t, "M0", data_offset + at, n),
+            read(&t, "M2", data_offset + at, n),
+            "data region differs at block {at}"
+        );
+        at += n;
+    }
+    // A second rebuild, cancelled by deleting the RAID: prompt, and every
+    // member is released.
+    t.ok("bdev_raid_remove_base_bdev", json!({"name": "M2"}));
+    t.ok(
+        "bdev_raid_add_base_bdev",
+        json!({"raid_bdev": "R1", "base_bdev": "M1"}),
+    );
+    assert!(raid_info(&t, "R1").get("process").is_some());
+    let started = Instant::now();
+    t.ok("bdev_raid_delete", json!({"name": "R1"}));
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "delete waited {:?} for the rebuild",
+        started.elapsed()
+    );
+    assert_eq!(t.ok("bdev_raid_get_bdevs", json!({})), json!([]));
+    for b in ["S0", "M1", "M2"] {
+        assert!(!claimed(&t, b), "{b} still claimed");
+    }
 }

@@ -334,3 +334,53 @@ fn an_io_error_fails_the_run() {
     assert!(u(&v["total"]["io_failed"]) >= 1, "{v}");
     assert!(r.stderr.contains("I/O failed: read"), "{}", r.describe());
 }
+
+/// A raid1 whose second member (an error bdev) fails every read and write
+/// once the load is running (queue-depth trigger).
+const RAID1_FAILING_MEMBER: &str = r#"{
+  "subsystems": [
+    {"subsystem": "bdev", "config": [
+      {"method": "bdev_malloc_create", "params": {"name": "Malloc0", "num_blocks": 16384, "block_size": 4096}},
+      {"method": "bdev_malloc_create", "params": {"name": "Malloc1", "num_blocks": 16384, "block_size": 4096}},
+      {"method": "bdev_error_create", "params": {"base_name": "Malloc1"}},
+      {"method": "bdev_raid_create", "params": {"name": "Raid1", "raid_level": "raid1",
+        "base_bdevs": ["Malloc0", "EE_Malloc1"], "superblock": true}},
+      {"method": "bdev_error_inject_error",
+       "params": {"name": "EE_Malloc1", "io_type": "write", "error_type": "failure", "num": 1000000, "queue_depth": 4}},
+      {"method": "bdev_error_inject_error",
+       "params": {"name": "EE_Malloc1", "io_type": "read", "error_type": "failure", "num": 1000000, "queue_depth": 4}}
+    ]}
+  ]
+}"#;
+
+#[test]
+fn raid1_verify_passes_while_a_member_fails_every_io() {
+    let cfg = config("raid1-failing", RAID1_FAILING_MEMBER);
+    let r = run(&[
+        "-c",
+        cfg.to_str().unwrap(),
+        "-b",
+        "Raid1",
+        "-q",
+        "16",
+        "-o",
+        "4096",
+        "-w",
+        "verify",
+        "-t",
+        "3",
+        "-m",
+        "0x3",
+        "--json",
+    ]);
+    assert_eq!(r.code, Some(0), "{}", r.describe());
+    let t = &r.json()["total"];
+    assert!(u(&t["ios"]) > 2 * 16384, "{t}");
+    assert_eq!(u(&t["verify_failures"]), 0, "{t}");
+    assert_eq!(u(&t["io_failed"]), 0, "{t}");
+    assert!(
+        r.stderr.contains("member EE_Malloc1 failed"),
+        "the member did fail: {}",
+        r.describe()
+    );
+}

@@ -19,7 +19,7 @@ use std::rc::{Rc, Weak};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use super::{Level, MemberState, RaidShared};
+use super::{Level, MemberState, RaidShared, WriteCounters};
 use crate::channel::{BdevChannel, IoChannel};
 use crate::io::{IoBox, IoBuf, IoCompletion, IoStatus, IoType};
 
@@ -32,6 +32,8 @@ struct Parent {
     ok_operational: u32,
     /// raid1 reads: members already tried.
     tried: u64,
+    /// raid1 writes: the admission epoch parity it is counted in.
+    admitted: Option<usize>,
 }
 
 pub(super) struct RaidChannel {
@@ -44,13 +46,26 @@ pub(super) struct RaidChannel {
     free: RefCell<Vec<u32>>,
     /// Children being planned (kept to reuse its allocation).
     scratch: RefCell<Vec<(usize, IoBox)>>,
+    /// raid1 writes in flight here, by admission epoch (rebuild windows).
+    writes: Arc<WriteCounters>,
+    /// raid1 writes waiting for the rebuild window to move (parents).
+    held: RefCell<std::collections::VecDeque<u32>>,
+    /// Retries held writes; woken with a delay while any wait.
+    retry: RefCell<Option<reactor::PollerHandle>>,
     me: Weak<RaidChannel>,
 }
 
 impl RaidChannel {
     pub(super) fn new(shared: Arc<RaidShared>) -> Rc<RaidChannel> {
         let n = shared.num_slots();
-        Rc::new_cyclic(|me| RaidChannel {
+        let writes = Arc::new(WriteCounters::default());
+        shared
+            .rebuild
+            .counters
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(writes.clone());
+        let ch = Rc::new_cyclic(|me: &Weak<RaidChannel>| RaidChannel {
             shared,
             generation: Cell::new(0),
             members: RefCell::new(vec![None; n]),
@@ -58,8 +73,47 @@ impl RaidChannel {
             parents: RefCell::new(Vec::new()),
             free: RefCell::new(Vec::new()),
             scratch: RefCell::new(Vec::new()),
+            writes,
+            held: RefCell::new(std::collections::VecDeque::new()),
+            retry: RefCell::new(None),
             me: me.clone(),
-        })
+        });
+        let w = Rc::downgrade(&ch);
+        let name = format!("raid_held_{}", ch.shared.name);
+        *ch.retry.borrow_mut() = Some(reactor::register_on_demand_poller(name, move || {
+            reactor::PollStatus::from_work(w.upgrade().is_some_and(|c| c.release_held()))
+        }));
+        ch
+    }
+
+    /// Resubmits held writes whose range the rebuild no longer locks.
+    fn release_held(self: &Rc<Self>) -> bool {
+        let n = self.held.borrow().len();
+        let mut moved = false;
+        for _ in 0..n {
+            let Some(p) = self.held.borrow_mut().pop_front() else {
+                break;
+            };
+            let (t, off, len) = {
+                let parents = self.parents.borrow();
+                match parents.get(p as usize).and_then(|x| x.io.as_ref()) {
+                    Some(io) => (io.io_type, io.offset_blocks, io.num_blocks),
+                    None => continue,
+                }
+            };
+            if self.shared.rebuild.blocks(off, len) {
+                self.held.borrow_mut().push_back(p);
+            } else {
+                moved = true;
+                self.mirrored(p, t, off, len);
+            }
+        }
+        if !self.held.borrow().is_empty() {
+            if let Some(r) = self.retry.borrow().as_ref() {
+                r.wake_after(std::time::Duration::from_micros(100));
+            }
+        }
+        moved
     }
 
     /// Picks up member changes (rare): takes the members lock, off the
@@ -106,6 +160,7 @@ impl RaidChannel {
             failed: false,
             ok_operational: 0,
             tried: 0,
+            admitted: None,
         };
         let mut parents = self.parents.borrow_mut();
         match self.free.borrow_mut().pop() {
@@ -122,7 +177,14 @@ impl RaidChannel {
 
     /// Takes a finished parent out of the slab.
     fn unpark(&self, p: u32) -> Option<IoBox> {
-        let io = self.parents.borrow_mut().get_mut(p as usize)?.io.take();
+        let (io, admitted) = {
+            let mut parents = self.parents.borrow_mut();
+            let parent = parents.get_mut(p as usize)?;
+            (parent.io.take(), parent.admitted.take())
+        };
+        if let Some(slot) = admitted {
+            self.writes.0[slot].fetch_sub(1, Ordering::SeqCst);
+        }
         self.free.borrow_mut().push(p);
         io
     }
@@ -180,10 +242,9 @@ impl RaidChannel {
             Some(ch) => ch.submit(io, self.clone()),
             // Checked by the caller; a failed child if it happens anyway.
             None => {
-                let (t, off, len) = (io.io_type, io.offset_blocks, io.num_blocks);
-                let tag = io.tag;
+                let (tag, t) = (io.tag, io.io_type);
                 drop(io);
-                self.child_done(tag, false, t, off, len);
+                self.child_done(tag, false, t);
             }
         }
     }
@@ -237,8 +298,22 @@ impl RaidChannel {
     /// raid1 writes and other commands: every operational or rebuilding
     /// member.
     fn mirrored(self: &Rc<Self>, p: u32, io_type: IoType, off: u64, len: u64) {
-        if io_type != IoType::Flush && io_type != IoType::Reset {
-            self.note_rebuild_overlap(off, len);
+        if matches!(io_type, IoType::Write | IoType::WriteZeroes | IoType::Unmap) {
+            match self.shared.rebuild.admit_write(&self.writes, off, len) {
+                Some(slot) => {
+                    if let Some(parent) = self.parents.borrow_mut().get_mut(p as usize) {
+                        parent.admitted = Some(slot);
+                    }
+                }
+                None => {
+                    // The rebuild is copying these blocks: wait for it.
+                    self.held.borrow_mut().push_back(p);
+                    if let Some(r) = self.retry.borrow().as_ref() {
+                        r.wake_after(std::time::Duration::from_micros(100));
+                    }
+                    return;
+                }
+            }
         }
         let mut children = self.scratch.take();
         for slot in 0..self.shared.num_slots() {
@@ -314,22 +389,6 @@ impl RaidChannel {
         }
     }
 
-    /// A foreground write into the range a rebuild is copying makes the
-    /// rebuild redo that range.
-    fn note_rebuild_overlap(&self, off: u64, len: u64) {
-        let rb = &self.shared.rebuild;
-        if !rb.active.load(Ordering::Acquire) {
-            return;
-        }
-        let (s, e) = (
-            rb.window_start.load(Ordering::Acquire),
-            rb.window_end.load(Ordering::Acquire),
-        );
-        if off < e && s < off + len {
-            rb.dirty.store(true, Ordering::Release);
-        }
-    }
-
     /// A member failed an I/O: no more I/O to it; the main reactor releases
     /// it and records that in the superblock.
     fn member_failed(&self, slot: usize) {
@@ -341,6 +400,18 @@ impl RaidChannel {
         reactor::send(reactor::main_core(), move || {
             reactor::spawn_local(super::rebuild::member_failed(name, slot))
         });
+    }
+}
+
+impl Drop for RaidChannel {
+    fn drop(&mut self) {
+        let mut c = self
+            .shared
+            .rebuild
+            .counters
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        c.retain(|w| !Arc::ptr_eq(w, &self.writes));
     }
 }
 
@@ -360,23 +431,17 @@ impl BdevChannel for RaidChannel {
 impl IoCompletion for RaidChannel {
     fn io_done(&self, child: IoBox) {
         let ok = child.status().is_success();
-        let (tag, t, off, len) = (
-            child.tag,
-            child.io_type,
-            child.offset_blocks,
-            child.num_blocks,
-        );
+        let (tag, t) = (child.tag, child.io_type);
         drop(child);
-        self.child_done(tag, ok, t, off, len);
+        self.child_done(tag, ok, t);
     }
 }
 
 impl RaidChannel {
-    fn child_done(&self, tag: u64, ok: bool, io_type: IoType, member_off: u64, len: u64) {
+    fn child_done(&self, tag: u64, ok: bool, io_type: IoType) {
         let Some(me) = self.me.upgrade() else { return };
         let p = (tag >> 8) as u32;
         let slot = (tag & 0xFF) as usize;
-        let off = member_off.saturating_sub(self.shared.data_offset);
         if let Some(o) = self.outstanding.borrow_mut().get_mut(slot) {
             *o = o.saturating_sub(1);
         }
@@ -390,9 +455,6 @@ impl RaidChannel {
                 self.shared.name
             );
             return me.read_from(p);
-        }
-        if raid1 && matches!(io_type, IoType::Write | IoType::WriteZeroes | IoType::Unmap) {
-            self.note_rebuild_overlap(off, len);
         }
         let done = {
             let mut parents = self.parents.borrow_mut();

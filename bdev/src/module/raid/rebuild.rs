@@ -2,27 +2,39 @@
 //!
 //! A rebuild is a task on the main reactor that copies the data region
 //! from an operational member to the target one [`STEP_BYTES`] at a time.
-//! Each step publishes its range as the rebuild window; foreground writes
-//! that touch the window while the step runs (submitted or completed) mark
-//! it dirty and the step is copied again, so a write racing the copy never
-//! leaves the target stale. Between steps the task yields to I/O and checks
-//! its [`CancelToken`]: deleting the RAID or removing the target member
-//! cancels it at a step boundary. Progress is in [`super::RebuildProgress`].
+//! Each step locks its range (the rebuild window): foreground writes that
+//! overlap it wait in their channel until the step is done, and the copy
+//! starts only once every write admitted before the lock has completed
+//! (epoch counters in [`super::RebuildProgress`]). So a write never races
+//! the copy of its blocks, and the rebuild always progresses. Writes
+//! outside the window go ahead, to the target member too. Between steps the
+//! task yields to I/O and checks its [`CancelToken`]: deleting the RAID or
+//! removing the target member cancels it at a step boundary.
 
 use std::cell::RefCell;
 use std::collections::BTreeMap;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use reactor::CancelToken;
 
 use super::{MemberState, RaidShared};
 
-/// Bytes copied per step: bounded work between yields and cancel checks.
+/// Bytes copied per step by default (SPDK's process window): bounded work
+/// between yields and cancel checks. `bdev_raid_set_options` changes it.
 pub const STEP_BYTES: u64 = 1 << 20;
-/// Redos of one step after which the racing writes are logged (the step
-/// is still redone until it copies cleanly).
-const MAX_REDO: u32 = 64;
+
+static WINDOW_BYTES: AtomicU64 = AtomicU64::new(STEP_BYTES);
+/// Rebuild bandwidth cap in bytes/s (0: none).
+static MAX_BANDWIDTH: AtomicU64 = AtomicU64::new(0);
+
+pub(super) fn set_window_kb(kb: u64) {
+    WINDOW_BYTES.store(kb.saturating_mul(1024), Ordering::Relaxed);
+}
+
+pub(super) fn set_max_bandwidth_mb_s(mb: u64) {
+    MAX_BANDWIDTH.store(mb.saturating_mul(1 << 20), Ordering::Relaxed);
+}
 
 thread_local! {
     static RUNNING: RefCell<BTreeMap<String, CancelToken>> = const { RefCell::new(BTreeMap::new()) };
@@ -69,7 +81,8 @@ async fn copy_all(
     let rb = &shared.rebuild;
     let bs = shared.block_size as u64;
     let total = shared.data_size;
-    let step = (STEP_BYTES / bs).max(1);
+    let step = (WINDOW_BYTES.load(Ordering::Relaxed) / bs).max(1);
+    let started = std::time::Instant::now();
     rb.slot.store(target as u64, Ordering::Release);
     rb.total_blocks.store(total, Ordering::Release);
     rb.done_blocks.store(0, Ordering::Release);
@@ -89,33 +102,30 @@ async fn copy_all(
             return Err(crate::BdevError::Io);
         }
         let n = step.min(total - at);
-        let mut redo = 0;
-        loop {
-            rb.dirty.store(false, Ordering::SeqCst);
-            rb.window_start.store(at, Ordering::SeqCst);
-            rb.window_end.store(at + n, Ordering::SeqCst);
-            copy_step(shared, target, at, n).await?;
-            if !rb.dirty.load(Ordering::SeqCst) {
-                break;
-            }
-            redo += 1;
-            if redo == MAX_REDO {
-                log::warn!(
-                    "raid {}: rebuild step at block {at} keeps racing writes",
-                    shared.name
-                );
-            }
-            if token.is_cancelled() {
-                return Ok(false);
-            }
+        // Lock the window, then wait out the writes admitted before.
+        rb.window_start.store(at, Ordering::SeqCst);
+        rb.window_end.store(at + n, Ordering::SeqCst);
+        rb.locked.store(true, Ordering::SeqCst);
+        let before = (rb.epoch.fetch_add(1, Ordering::SeqCst) % 2) as usize;
+        while rb.in_flight(before) > 0 {
+            reactor::sleep(std::time::Duration::from_micros(50)).await;
         }
+        let copied = copy_step(shared, target, at, n).await;
+        rb.locked.store(false, Ordering::SeqCst);
+        copied?;
         at += n;
         rb.done_blocks.store(at, Ordering::Release);
-        // Yield to foreground work between steps.
-        futures_lite::future::yield_now().await;
+        // Yield to foreground work between steps; keep under the cap.
+        let cap = MAX_BANDWIDTH.load(Ordering::Relaxed);
+        let due =
+            (cap > 0).then(|| std::time::Duration::from_secs_f64((at * bs) as f64 / cap as f64));
+        match due.and_then(|d| d.checked_sub(started.elapsed())) {
+            Some(wait) => reactor::sleep(wait).await,
+            None => futures_lite::future::yield_now().await,
+        }
     }
-    rb.window_start.store(0, Ordering::Release);
-    rb.window_end.store(0, Ordering::Release);
+    rb.window_start.store(0, Ordering::SeqCst);
+    rb.window_end.store(0, Ordering::SeqCst);
     Ok(true)
 }
 

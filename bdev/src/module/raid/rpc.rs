@@ -30,7 +30,6 @@ impl BaseBdevs {
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct CreateParams {
     pub name: String,
     pub raid_level: String,
@@ -48,6 +47,21 @@ pub struct CreateParams {
 #[derive(Debug, Deserialize)]
 pub struct NameParams {
     pub name: String,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct DeleteParams {
+    pub name: String,
+    /// Erase the superblock on every member (else a superblock RAID
+    /// reassembles at the next start, as SPDK's).
+    #[serde(default)]
+    pub clear_sb: bool,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct SetOptionsParams {
+    pub process_window_size_kb: Option<u64>,
+    pub process_max_bandwidth_mb_sec: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -115,13 +129,19 @@ pub fn register(table: &mut RpcTable) {
     table.register_with(
         "bdev_raid_delete",
         StateMask::RUNTIME,
-        |p: NameParams| async move {
+        |p: DeleteParams| async move {
             if examine::forget(&p.name) {
                 return Ok(json!(true));
             }
             let online = super::with_raids(|r| r.get(&p.name).map(|e| e.online));
             match online {
-                Some(true) => registry::unregister(&p.name, Some(MODULE)).await?,
+                Some(true) => {
+                    if let Some(s) = super::find(&p.name).filter(|_| p.clear_sb) {
+                        super::rebuild::cancel(&p.name).await;
+                        super::wipe_superblocks(&s).await;
+                    }
+                    registry::unregister(&p.name, Some(MODULE)).await?
+                }
                 Some(false) => {
                     if let Some(s) = super::find(&p.name) {
                         super::release_members(&s);
@@ -129,6 +149,24 @@ pub fn register(table: &mut RpcTable) {
                     super::with_raids(|r| r.remove(&p.name));
                 }
                 None => return Err(BdevError::NoDevice(p.name).into()),
+            }
+            Ok(json!(true))
+        },
+    );
+    table.register_with(
+        "bdev_raid_set_options",
+        StateMask::ANY,
+        |p: SetOptionsParams| async move {
+            if let Some(kb) = p.process_window_size_kb {
+                if kb == 0 {
+                    return Err(RpcError::invalid_params(
+                        "process_window_size_kb must be at least 1",
+                    ));
+                }
+                super::rebuild::set_window_kb(kb);
+            }
+            if let Some(mb) = p.process_max_bandwidth_mb_sec {
+                super::rebuild::set_max_bandwidth_mb_s(mb);
             }
             Ok(json!(true))
         },
