@@ -179,3 +179,73 @@ fn spdk_rpc_py_drives_the_target_unchanged() {
     assert_eq!(t.wait_exit(Duration::from_secs(10)), Some(0));
     assert!(!t.socket.exists());
 }
+
+#[test]
+fn spdk_rpc_py_drives_raid_unchanged() {
+    if !spdk_rpc_available() {
+        return;
+    }
+    let t = Target::start();
+    for m in ["M0", "M1", "M2"] {
+        ok(&t, &["bdev_malloc_create", "-b", m, "8", "512"]);
+    }
+    ok(&t, &["bdev_raid_set_options", "-w", "512"]);
+    ok(
+        &t,
+        &[
+            "bdev_raid_create",
+            "-n",
+            "R0",
+            "-z",
+            "64",
+            "-r",
+            "0",
+            "-b",
+            "M0 M1",
+        ],
+    );
+    let raids: Value = serde_json::from_str(&ok(&t, &["bdev_raid_get_bdevs", "online"])).unwrap();
+    assert_eq!(raids[0]["name"], "R0");
+    assert_eq!(raids[0]["raid_level"], "raid0");
+    assert_eq!(raids[0]["strip_size_kb"], 64);
+    assert_eq!(raids[0]["num_base_bdevs_discovered"], 2);
+    let b: Value = serde_json::from_str(&ok(&t, &["bdev_get_bdevs", "-b", "R0"])).unwrap();
+    assert_eq!(b[0]["driver_specific"]["raid"]["state"], "online");
+    ok(&t, &["bdev_raid_delete", "R0"]);
+    ok(
+        &t,
+        &[
+            "bdev_raid_create",
+            "-n",
+            "R1",
+            "-r",
+            "raid1",
+            "-b",
+            "M0 M1",
+            "-s",
+        ],
+    );
+    ok(&t, &["bdev_raid_remove_base_bdev", "M1"]);
+    ok(&t, &["bdev_raid_add_base_bdev", "R1", "M2"]);
+    let end = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let r: Value = serde_json::from_str(&ok(&t, &["bdev_raid_get_bdevs", "all"])).unwrap();
+        if r[0]["num_base_bdevs_operational"] == 2 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < end,
+            "rebuild did not finish: {r}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // A member already claimed: rpc.py reports the error, nothing changes.
+    let e = rpc(
+        &t,
+        &["bdev_raid_create", "-n", "R2", "-r", "1", "-b", "M0 M1"],
+    )
+    .unwrap_err();
+    assert!(e.contains("claimed"), "{e}");
+    ok(&t, &["bdev_raid_delete", "R1", "--clear-sb"]);
+    assert_eq!(ok(&t, &["bdev_raid_get_bdevs", "all"]).trim(), "[]");
+}
