@@ -113,7 +113,7 @@ pub fn register(table: &mut RpcTable) {
                     p.raid_level
                 ))
             })?;
-            let name = super::create(RaidOptions {
+            super::create(RaidOptions {
                 name: p.name,
                 level,
                 strip_size_kb: p.strip_size_kb,
@@ -122,7 +122,6 @@ pub fn register(table: &mut RpcTable) {
                 superblock: p.superblock,
             })
             .await?;
-            let _ = name;
             Ok(json!(true))
         },
     );
