@@ -471,7 +471,9 @@ impl RaidChannel {
             }
             (parent.remaining == 0).then_some((parent.failed, parent.ok_operational))
         };
-        if !ok && raid1 {
+        // Only a lost write makes a member stale; a failed flush or reset
+        // fails the I/O but leaves the member's data as it was.
+        if !ok && raid1 && matches!(io_type, IoType::Write | IoType::WriteZeroes | IoType::Unmap) {
             self.member_failed(slot);
         }
         if let Some((failed, ok_operational)) = done {

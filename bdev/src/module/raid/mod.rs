@@ -304,8 +304,8 @@ impl Bdev for RaidBdev {
 
     fn io_type_supported(&self, io_type: IoType) -> bool {
         match io_type {
-            IoType::Read | IoType::Write | IoType::Reset | IoType::Flush => true,
-            IoType::Unmap | IoType::WriteZeroes => {
+            IoType::Read | IoType::Write => true,
+            IoType::Unmap | IoType::WriteZeroes | IoType::Flush | IoType::Reset => {
                 let members = self
                     .shared
                     .members
