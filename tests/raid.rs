@@ -449,3 +449,57 @@ fn writes_during_a_rebuild_reach_the_new_member_and_delete_cancels_a_rebuild() {
         assert!(!claimed(&t, b), "{b} still claimed");
     }
 }
+
+#[test]
+fn a_raid1_grows_by_a_member_that_is_rebuilt() {
+    let t = Target::start();
+    for i in 0..3 {
+        t.ok(
+            "bdev_malloc_create",
+            json!({"name": format!("M{i}"), "num_blocks": 8192, "block_size": 512}),
+        );
+    }
+    t.ok(
+        "bdev_raid_create",
+        json!({"name": "R1", "raid_level": "raid1", "base_bdevs": ["M0", "M1"], "superblock": true}),
+    );
+    let data = pattern(4096, 77);
+    write(&t, "R1", 100, &data);
+    t.ok(
+        "bdev_raid_grow_base_bdev",
+        json!({"raid_name": "R1", "base_name": "M2"}),
+    );
+    wait_until("grow rebuild", Duration::from_secs(20), || {
+        raid_info(&t, "R1")["num_base_bdevs_operational"] == 3
+    });
+    let info = raid_info(&t, "R1");
+    assert_eq!(info["num_base_bdevs"], 3);
+    assert_eq!(info["base_bdevs_list"][2]["name"], "M2");
+    let off = info["base_bdevs_list"][2]["data_offset"].as_u64().unwrap();
+    assert_eq!(read(&t, "M2", off + 100, 8), data);
+    // Not for raid0.
+    t.ok(
+        "bdev_malloc_create",
+        json!({"name": "M3", "num_blocks": 8192, "block_size": 512}),
+    );
+    t.ok(
+        "bdev_malloc_create",
+        json!({"name": "M4", "num_blocks": 8192, "block_size": 512}),
+    );
+    t.ok(
+        "bdev_raid_create",
+        json!({"name": "R0", "raid_level": "raid0", "strip_size_kb": 4, "base_bdevs": ["M3", "M4"]}),
+    );
+    t.ok(
+        "bdev_malloc_create",
+        json!({"name": "M5", "num_blocks": 8192, "block_size": 512}),
+    );
+    assert_eq!(
+        t.err_code(
+            "bdev_raid_grow_base_bdev",
+            json!({"raid_name": "R0", "base_name": "M5"})
+        ),
+        -22
+    );
+    assert!(!claimed(&t, "M5"));
+}
