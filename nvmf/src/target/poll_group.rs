@@ -127,13 +127,29 @@ fn start(g: &Rc<PollGroup>) {
 }
 
 impl PollGroup {
-    /// One turn: receive on ready sockets, then service every connection.
+    /// Services every connection (finished I/O → responses → one send).
+    fn service_all(&self) -> bool {
+        let mut busy = false;
+        let mut visit = self.scratch_conns.borrow_mut();
+        visit.clear();
+        visit.extend(self.conns.borrow().values().cloned());
+        for c in visit.iter() {
+            busy |= c.service();
+        }
+        visit.clear();
+        busy
+    }
+
+    /// One turn: send what finished since the last turn (before the
+    /// readiness check, so a completion's response does not wait behind
+    /// an `epoll_wait`), receive on ready sockets, then send again what
+    /// that produced (immediate answers, completions already in).
     fn poll(&self) -> bool {
-        let conns = self.conns.borrow();
-        if conns.is_empty() {
+        if self.conns.borrow().is_empty() {
             return false;
         }
-        let mut busy = false;
+        let mut busy = self.service_all();
+        let conns = self.conns.borrow();
         let mut tokens = self.scratch_tokens.borrow_mut();
         tokens.clear();
         tokens.extend(self.ready.borrow_mut().ready());
@@ -145,11 +161,9 @@ impl PollGroup {
             busy |= c.on_readable();
         }
         visit.clear();
-        visit.extend(self.conns.borrow().values().cloned());
-        for c in visit.iter() {
-            busy |= c.service();
-        }
-        visit.clear();
+        drop(visit);
+        drop(tokens);
+        busy |= self.service_all();
         if self.reap.replace(false) {
             self.conns.borrow_mut().retain(|_, c| !c.is_closed());
         }
