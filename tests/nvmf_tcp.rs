@@ -905,3 +905,62 @@ fn many_commands_in_flight_on_one_queue_complete_with_the_right_data() {
     let (_, c) = io.cmd(rw(0x05, 603, 3, 1, 4096, true), &block(1));
     assert_eq!(status(&c), (0, 0), "in-capsule compare");
 }
+
+#[test]
+fn in_capsule_writes_held_by_a_slow_bdev_keep_their_data() {
+    // Writes take their data from the receive buffers in place; with a
+    // bdev that holds them for milliseconds, a burst pins every buffer the
+    // connection may have and the rest must fall back to copies — all of
+    // it landing intact.
+    let (t, port) = target_with_listener();
+    t.ok(
+        "bdev_malloc_create",
+        json!({"name": "M0", "num_blocks": 1024, "block_size": 4096}),
+    );
+    t.ok(
+        "bdev_delay_create",
+        json!({"name": "D0", "base_bdev_name": "M0", "avg_read_latency": 0, "p99_read_latency": 0,
+               "avg_write_latency": 3000, "p99_write_latency": 3000}),
+    );
+    t.ok(
+        "nvmf_subsystem_add_ns",
+        json!({"nqn": NQN, "namespace": {"bdev_name": "D0"}}),
+    );
+    let mut admin = HostQueue::open(port);
+    let (_, c) = admin.cmd(connect_cmd(0, 31, 0), &connect_data(0xFFFF, NQN, HOSTNQN));
+    let cntlid = dw0(&c) as u16;
+    let mut io = HostQueue::open(port);
+    let (_, c) = io.cmd(connect_cmd(1, 127, 0), &connect_data(cntlid, NQN, HOSTNQN));
+    assert_eq!(status(&c), (0, 0));
+    for round in 0..3u64 {
+        let mut burst = Vec::new();
+        for i in 0..120u16 {
+            let sqe = rw(0x01, i, i as u64 * 5 + round, 1, 4096, true);
+            let mut pdu = vec![0u8; 72 + 4096];
+            pdu[0] = 4;
+            pdu[2] = 72;
+            pdu[3] = 72;
+            pdu[4..8].copy_from_slice(&((72 + 4096) as u32).to_le_bytes());
+            pdu[8..72].copy_from_slice(&sqe);
+            pdu[72..].copy_from_slice(&block(i as u64 + round * 1000));
+            burst.extend_from_slice(&pdu);
+        }
+        io.s.write_all(&burst).unwrap();
+        let mut seen = std::collections::BTreeSet::new();
+        while seen.len() < 120 {
+            let (ty, h, _) = read_pdu(&mut io.s);
+            assert_eq!(ty, 0x05);
+            assert_eq!(status(&h[8..24].try_into().unwrap()), (0, 0));
+            assert!(seen.insert(cqe_cid(&h)));
+        }
+        for i in 0..120u16 {
+            let (data, c) = io.cmd(rw(0x02, 500 + i, i as u64 * 5 + round, 1, 4096, false), &[]);
+            assert_eq!(status(&c), (0, 0));
+            assert_eq!(
+                data,
+                block(i as u64 + round * 1000),
+                "round {round} block {i}"
+            );
+        }
+    }
+}

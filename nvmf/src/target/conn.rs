@@ -141,40 +141,124 @@ struct H2cData {
     digest: Option<([u8; DIGEST_BYTES], usize)>,
 }
 
+/// Receive buffers a connection may have: the current one plus those still
+/// pinned by writes whose data is read from where it was received.
+const MAX_RX_BUFS: usize = 4;
+
 /// Received bytes not yet handled: `buf[start..end]`.
+///
+/// In-capsule write data is handed to the bdev in place (no copy): the
+/// write pins the buffer it lies in, and a pinned buffer is never written
+/// or moved again until unpinned. When the current buffer is pinned and
+/// full, pending bytes move to another buffer instead of to its front.
 struct RxBuf {
     buf: Vec<u8>,
+    /// The current buffer's id (index in `pins`).
+    id: usize,
+    /// Writes in flight per buffer id.
+    pins: Vec<u32>,
+    /// The other buffers, by id.
+    parked: Vec<(usize, Vec<u8>)>,
     start: usize,
     end: usize,
 }
 
 impl RxBuf {
+    fn new(cap: usize) -> RxBuf {
+        RxBuf {
+            buf: vec![0; cap],
+            id: 0,
+            pins: vec![0],
+            parked: Vec::new(),
+            start: 0,
+            end: 0,
+        }
+    }
+
     fn pending(&self) -> &[u8] {
         &self.buf[self.start..self.end]
     }
 
     fn consume(&mut self, n: usize) {
         self.start += n;
-        if self.start == self.end {
+        if self.start == self.end && self.pins[self.id] == 0 {
             self.start = 0;
             self.end = 0;
         }
     }
 
-    /// Free space at the end, moving pending bytes to the front first when
-    /// that leaves room for at least `want` more.
-    fn space(&mut self, want: usize) -> &mut [u8] {
-        if self.start > 0 && self.buf.len() - self.end < want {
-            self.buf.copy_within(self.start..self.end, 0);
-            self.end -= self.start;
+    /// Whether the current buffer is free to be reused from its start.
+    fn unpinned(&self) -> bool {
+        self.pins[self.id] == 0
+    }
+
+    /// Whether another write may pin: one buffer always stays free to
+    /// receive into.
+    fn can_pin(&self) -> bool {
+        let pinned = self.pins.iter().filter(|&&p| p > 0).count();
+        let after = pinned + usize::from(self.pins[self.id] == 0);
+        after < MAX_RX_BUFS
+    }
+
+    fn pin(&mut self) -> usize {
+        self.pins[self.id] += 1;
+        self.id
+    }
+
+    fn unpin(&mut self, id: usize) {
+        if let Some(p) = self.pins.get_mut(id) {
+            *p = p.saturating_sub(1);
+        }
+        if id == self.id && self.pins[id] == 0 && self.start == self.end {
             self.start = 0;
+            self.end = 0;
+        }
+    }
+
+    /// Free space at the end, making room for at least `want` more by
+    /// moving the pending bytes: to the front of this buffer, or, if it is
+    /// pinned, to the front of a free one.
+    fn space(&mut self, want: usize) -> &mut [u8] {
+        if self.buf.len() - self.end < want {
+            if self.unpinned() {
+                if self.start > 0 {
+                    self.buf.copy_within(self.start..self.end, 0);
+                    self.end -= self.start;
+                    self.start = 0;
+                }
+            } else if let Some(next) = self.free_buffer() {
+                let (id, mut buf) = next;
+                let n = self.end - self.start;
+                buf[..n].copy_from_slice(&self.buf[self.start..self.end]);
+                let old = std::mem::replace(&mut self.buf, buf);
+                self.parked.push((self.id, old));
+                self.id = id;
+                self.start = 0;
+                self.end = n;
+            }
         }
         &mut self.buf[self.end..]
     }
 
+    /// An unpinned parked buffer, or a new one while under the limit.
+    fn free_buffer(&mut self) -> Option<(usize, Vec<u8>)> {
+        if let Some(i) = self.parked.iter().position(|(id, _)| self.pins[*id] == 0) {
+            return Some(self.parked.swap_remove(i));
+        }
+        if self.pins.len() < MAX_RX_BUFS {
+            self.pins.push(0);
+            return Some((self.pins.len() - 1, vec![0; self.buf.len()]));
+        }
+        None
+    }
+
+    /// Grows every buffer to `cap` (at Connect, before any pin).
     fn grow(&mut self, cap: usize) {
         if cap > self.buf.len() {
             self.buf.resize(cap, 0);
+            for (_, b) in &mut self.parked {
+                b.resize(cap, 0);
+            }
         }
     }
 }
@@ -259,11 +343,7 @@ impl Connection {
             state: RefCell::new(ConnState {
                 token,
                 sock,
-                rx: RxBuf {
-                    buf: vec![0; RX_BUF_BYTES],
-                    start: 0,
-                    end: 0,
-                },
+                rx: RxBuf::new(RX_BUF_BYTES),
                 rx_state: RxState::Init,
                 digests: Digests::default(),
                 maxh2cdata,
@@ -423,7 +503,7 @@ impl ConnState {
         // into its request's buffer; what follows it lands in `rx`.
         if let RxState::Data(d) = self.rx_state {
             let left = d.len - d.got;
-            if self.rx.start == self.rx.end && left >= DIRECT_RECV_MIN {
+            if self.rx.start == self.rx.end && self.rx.unpinned() && left >= DIRECT_RECV_MIN {
                 if let Queue::Io(q) = &mut self.queue {
                     if let Some(r) = q.reqs.get_mut(d.slot) {
                         let dst = &mut r.buf.as_mut_slice()[d.start + d.got..d.start + d.len];
@@ -448,8 +528,14 @@ impl ConnState {
                 }
             }
         }
+        let pinned = !self.rx.unpinned();
         let space = self.rx.space(RX_SLACK);
         let asked = space.len();
+        if asked == 0 && pinned {
+            // Every buffer holds data of writes in flight: receive once
+            // they complete (the socket stays readable meanwhile).
+            return Ok((0, 0));
+        }
         if asked == 0 {
             // Cannot happen: every PDU we wait for fits the buffer.
             return Err(Ending::Fatal(
@@ -709,7 +795,15 @@ impl ConnState {
                     return;
                 };
                 if let Some(r) = q.reqs.get_mut(i) {
-                    if dl > 0 {
+                    if dl > 0 && sqe.opcode() == opc::WRITE && self.rx.can_pin() {
+                        // The write reads its data where it was received.
+                        // SAFETY: the range lies in the current receive
+                        // buffer, which stays in place and unwritten while
+                        // pinned (until this slot unpins it).
+                        r.borrowed =
+                            unsafe { IoBuf::borrowed(self.rx.buf.as_mut_ptr().add(ds), dl) };
+                        r.rx_pin = Some(self.rx.pin());
+                    } else if dl > 0 {
                         r.buf.resize(dl);
                         r.buf.as_mut_slice()[..dl].copy_from_slice(&self.rx.buf[ds..ds + dl]);
                     }
@@ -1012,7 +1106,11 @@ impl ConnState {
                 if r.received < len {
                     return self.complete(i, Status::generic(sc::DATA_SGL_LENGTH_INVALID).dnr());
                 }
-                r.buf.resize(len);
+                if r.rx_pin.is_some() {
+                    r.borrowed.resize(len);
+                } else {
+                    r.buf.resize(len);
+                }
                 self.execute(conn, i);
             }
             Transfer::ToController(len) => {
@@ -1200,7 +1298,9 @@ impl ConnState {
             }
             _ => {
                 r.outstanding = 1;
-                let buf = if io_type.has_data() {
+                let buf = if r.rx_pin.is_some() {
+                    std::mem::take(&mut r.borrowed)
+                } else if io_type.has_data() {
                     std::mem::take(&mut r.buf)
                 } else {
                     IoBuf::empty()
@@ -1224,7 +1324,7 @@ impl ConnState {
             let buf = io.take_buf();
             if r.sqe.opcode() == opc::COMPARE {
                 r.aux = buf;
-            } else {
+            } else if r.rx_pin.is_none() {
                 r.buf = buf;
             }
             if !io.lent.is_empty() {
@@ -1267,6 +1367,10 @@ impl ConnState {
             return;
         };
         let Some(r) = q.reqs.get_mut(i) else { return };
+        if let Some(id) = r.rx_pin.take() {
+            r.borrowed = IoBuf::empty();
+            self.rx.unpin(id);
+        }
         let mut rsp = [0u8; SHORT_HLEN + DIGEST_BYTES];
         let n = encode_capsule_resp(&mut rsp, &cqe(r.sqe.cid(), status), self.digests);
         self.send.push_bytes(&rsp[..n]);
@@ -1376,4 +1480,79 @@ fn fatal(e: PduError, header: &[u8]) -> Ending {
 /// Whether `w` still refers to a live connection (for tests of teardown).
 pub fn is_live(w: &Weak<Connection>) -> bool {
     w.upgrade().is_some_and(|c| !c.is_closed())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::RxBuf;
+
+    /// Receives `data` into the buffer as a socket would.
+    fn recv(rx: &mut RxBuf, data: &[u8]) -> usize {
+        let space = rx.space(32);
+        let n = data.len().min(space.len());
+        space[..n].copy_from_slice(&data[..n]);
+        rx.end += n;
+        n
+    }
+
+    #[test]
+    fn pinned_bytes_are_never_moved_or_overwritten() {
+        let mut rx = RxBuf::new(128);
+        let first: Vec<u8> = (0..100u8).collect();
+        assert_eq!(recv(&mut rx, &first), 100);
+        // A write borrows bytes 10..60 in place, and they are consumed.
+        let ptr = rx.buf[10..].as_ptr();
+        let id = rx.pin();
+        rx.consume(60);
+        let pinned = |p: *const u8| unsafe { std::slice::from_raw_parts(p, 50).to_vec() };
+        assert_eq!(pinned(ptr), first[10..60]);
+        // Lots more input: the pending tail moves to another buffer rather
+        // than to the front of the pinned one.
+        for round in 0..20u8 {
+            let more = vec![0xA0 ^ round; 90];
+            let n = recv(&mut rx, &more);
+            assert!(n > 0, "round {round}: no room");
+            let pending = rx.pending().len();
+            rx.consume(pending.saturating_sub(40));
+            assert_eq!(pinned(ptr), first[10..60], "round {round}");
+        }
+        assert_ne!(rx.id, id, "moved to another buffer");
+        // Unpinned, the old buffer is reused.
+        rx.unpin(id);
+        assert!(rx.pins.iter().all(|&p| p == 0));
+        assert!(rx.can_pin());
+
+        // All input consumed while pinned: the next receive goes after it,
+        // not back to the start.
+        let mut rx = RxBuf::new(128);
+        recv(&mut rx, &[1; 50]);
+        let ptr = rx.buf.as_ptr();
+        let id = rx.pin();
+        rx.consume(50);
+        recv(&mut rx, &[2; 50]);
+        assert_eq!(pinned(ptr), [1; 50]);
+        rx.consume(50);
+        rx.unpin(id);
+        assert_eq!((rx.start, rx.end), (0, 0), "free again once unpinned");
+    }
+
+    #[test]
+    fn pins_are_bounded_so_one_buffer_always_receives() {
+        let mut rx = RxBuf::new(64);
+        let mut ids = Vec::new();
+        for _ in 0..super::MAX_RX_BUFS {
+            if !rx.can_pin() {
+                break;
+            }
+            recv(&mut rx, &[7; 64]);
+            ids.push(rx.pin());
+            rx.consume(64);
+            // Fill forces a move to a fresh buffer for the next round.
+            let _ = rx.space(64);
+        }
+        assert_eq!(ids.len(), super::MAX_RX_BUFS - 1);
+        assert!(!rx.can_pin());
+        assert!(rx.unpinned(), "the current buffer is free");
+        assert!(!rx.space(16).is_empty());
+    }
 }

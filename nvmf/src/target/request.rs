@@ -41,6 +41,10 @@ pub struct Request {
     /// channel that keeps the bdev (so the memory) alive until it is sent.
     pub lent: IoBuf,
     pub lent_keep: Option<bdev::IoChannel>,
+    /// An in-capsule write's data, borrowed from the receive buffer `rx_pin`
+    /// names (pinned until the write completes).
+    pub borrowed: IoBuf,
+    pub rx_pin: Option<usize>,
     /// Host data bytes received so far (in-capsule or H2CData).
     pub received: usize,
     /// Bdev I/Os in flight for this command (DSM: one per range).
@@ -60,6 +64,8 @@ impl Request {
             aux: IoBuf::empty(),
             lent: IoBuf::empty(),
             lent_keep: None,
+            borrowed: IoBuf::empty(),
+            rx_pin: None,
             received: 0,
             outstanding: 0,
             status: Status::SUCCESS,
@@ -109,6 +115,11 @@ impl RequestTable {
         r.plan = None;
         r.lent = IoBuf::empty();
         r.lent_keep = None;
+        debug_assert!(
+            r.rx_pin.is_none(),
+            "released with its receive buffer pinned"
+        );
+        r.borrowed = IoBuf::empty();
         if r.buf.capacity() > KEPT_BUF_BYTES {
             r.buf = IoBuf::empty();
         }
