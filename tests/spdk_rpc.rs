@@ -190,6 +190,8 @@ fn spdk_rpc_py_drives_raid_unchanged() {
         ok(&t, &["bdev_malloc_create", "-b", m, "8", "512"]);
     }
     ok(&t, &["bdev_raid_set_options", "-w", "512"]);
+    let cfg = ok(&t, &["save_config"]);
+    assert!(cfg.contains("\"process_window_size_kb\": 512"), "{cfg}");
     ok(
         &t,
         &[

@@ -327,7 +327,7 @@ async fn rpc_command(p: CommandParams) -> RpcResult {
 }
 
 /// The bdev subsystem's `framework_get_config` section, in SPDK's order:
-/// options, then each bdev's create call in registration order (so a
+/// options (the layer's, then modules'), then each bdev's create call in registration order (so a
 /// virtual bdev follows its base), then `bdev_wait_for_examine`.
 pub fn subsystem_config() -> Value {
     let mut out = vec![json!({
@@ -340,6 +340,7 @@ pub fn subsystem_config() -> Value {
             "iobuf_large_cache_size": 16
         }
     })];
+    out.push(crate::module::raid::rebuild::options_json());
     for b in registry::list() {
         if let Some(c) = b.ops().write_config_json() {
             out.push(c);

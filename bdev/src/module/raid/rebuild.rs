@@ -28,6 +28,17 @@ static WINDOW_BYTES: AtomicU64 = AtomicU64::new(STEP_BYTES);
 /// Rebuild bandwidth cap in bytes/s (0: none).
 static MAX_BANDWIDTH: AtomicU64 = AtomicU64::new(0);
 
+/// `bdev_raid_set_options` as it stands, for `save_config`.
+pub(crate) fn options_json() -> serde_json::Value {
+    serde_json::json!({
+        "method": "bdev_raid_set_options",
+        "params": {
+            "process_window_size_kb": WINDOW_BYTES.load(Ordering::Relaxed) / 1024,
+            "process_max_bandwidth_mb_sec": MAX_BANDWIDTH.load(Ordering::Relaxed) >> 20,
+        }
+    })
+}
+
 pub(super) fn set_window_kb(kb: u64) {
     WINDOW_BYTES.store(kb.saturating_mul(1024), Ordering::Relaxed);
 }
