@@ -30,6 +30,9 @@ use super::socket::{self, PolledSocket, ReadySet};
 
 /// Readiness events taken per `epoll_wait`.
 const READY_BATCH: usize = 256;
+/// Up to this many connections on a core, each is polled with a
+/// non-blocking receive every turn instead of through `epoll_wait`.
+const DIRECT_RECV_CONNS: usize = 2;
 /// How often keep-alive timeouts are checked.
 const KEEP_ALIVE_CHECK: Duration = Duration::from_millis(500);
 
@@ -151,11 +154,18 @@ impl PollGroup {
         let mut busy = self.service_all();
         let conns = self.conns.borrow();
         let mut tokens = self.scratch_tokens.borrow_mut();
-        tokens.clear();
-        tokens.extend(self.ready.borrow_mut().ready());
         let mut visit = self.scratch_conns.borrow_mut();
+        tokens.clear();
         visit.clear();
-        visit.extend(tokens.iter().filter_map(|t| conns.get(t).cloned()));
+        if conns.len() <= DIRECT_RECV_CONNS {
+            // Few connections: one non-blocking receive each costs no more
+            // system calls than asking epoll first, and saves the
+            // `epoll_wait` whenever data is there.
+            visit.extend(conns.values().cloned());
+        } else {
+            tokens.extend(self.ready.borrow_mut().ready());
+            visit.extend(tokens.iter().filter_map(|t| conns.get(t).cloned()));
+        }
         drop(conns);
         for c in visit.iter() {
             busy |= c.on_readable();
