@@ -503,3 +503,47 @@ fn a_raid1_grows_by_a_member_that_is_rebuilt() {
     );
     assert!(!claimed(&t, "M5"));
 }
+
+#[test]
+fn a_grown_raid1_reassembles_with_all_its_members() {
+    let dir = common::scratch_dir();
+    let files: Vec<String> = (0..3)
+        .map(|i| image(&dir, &format!("g{i}.img"), 8 << 20))
+        .collect();
+    let aio = |t: &Target, i: usize| {
+        t.ok(
+            "bdev_aio_create",
+            json!({"name": format!("G{i}"), "filename": files[i], "block_size": 512}),
+        );
+    };
+    let data = pattern(8192, 42);
+    {
+        let t = Target::start();
+        aio(&t, 0);
+        aio(&t, 1);
+        aio(&t, 2);
+        t.ok(
+            "bdev_raid_create",
+            json!({"name": "RG", "raid_level": "raid1", "base_bdevs": ["G0", "G1"], "superblock": true}),
+        );
+        write(&t, "RG", 300, &data);
+        t.ok(
+            "bdev_raid_grow_base_bdev",
+            json!({"raid_name": "RG", "base_name": "G2"}),
+        );
+        wait_until("grow rebuild", Duration::from_secs(30), || {
+            raid_info(&t, "RG")["num_base_bdevs_operational"] == 3
+        });
+        t.signal(libc::SIGKILL);
+    }
+    let t = Target::start();
+    // The grown member first: its superblock names three slots.
+    aio(&t, 2);
+    aio(&t, 0);
+    aio(&t, 1);
+    t.ok("bdev_wait_for_examine", Value::Null);
+    let info = raid_info(&t, "RG");
+    assert_eq!(info["num_base_bdevs"], 3, "{info}");
+    assert_eq!(info["num_base_bdevs_operational"], 3, "{info}");
+    assert_eq!(read(&t, "RG", 300, 16), data);
+}

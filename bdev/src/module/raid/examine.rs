@@ -153,7 +153,9 @@ async fn examine(b: BdevHandle) {
             grace_started: false,
             auth: sb.clone(),
         });
-        if sb.seq > asm.auth.seq && sb.slots.len() == asm.auth.slots.len() {
+        if sb.seq > asm.auth.seq && sb.slots.len() >= asm.auth.slots.len() {
+            // Newer, possibly grown since (`bdev_raid_grow_base_bdev`).
+            asm.found.resize_with(sb.slots.len(), || None);
             asm.auth = sb.clone();
         }
         if let Some(f) = asm.found.get_mut(slot) {
