@@ -468,17 +468,16 @@ impl Connection {
     /// its KATO loses its controller, so the host can connect again at
     /// once.
     pub fn keep_alive_expired(&self, now: u64) -> bool {
+        let Some(deadline) = self.keep_alive_deadline() else {
+            return false;
+        };
+        if now < deadline {
+            return false;
+        }
         let st = self.state.borrow();
         let Queue::Admin { ctrl: c, .. } = &st.queue else {
             return false;
         };
-        let Some(t) = keep_alive_timeout(c.kato_ms, c.subsystem.discovery) else {
-            return false;
-        };
-        let silent = now.saturating_sub(st.last_rx_tick);
-        if silent < reactor::ticks::from_duration(t) {
-            return false;
-        }
         log::warn!(
             "controller {} of {}: keep alive timeout ({} ms), disconnecting",
             c.cntlid,
@@ -486,6 +485,17 @@ impl Connection {
             c.kato_ms
         );
         true
+    }
+
+    /// When this admin queue's keep-alive timeout runs out if nothing
+    /// arrives before (ticks); None for queues without one.
+    pub fn keep_alive_deadline(&self) -> Option<u64> {
+        let st = self.state.borrow();
+        let Queue::Admin { ctrl: c, .. } = &st.queue else {
+            return None;
+        };
+        let t = keep_alive_timeout(c.kato_ms, c.subsystem.discovery)?;
+        Some(st.last_rx_tick + reactor::ticks::from_duration(t))
     }
 
     /// Marks the connection as having work and wakes the reactor (for
@@ -928,6 +938,7 @@ impl ConnState {
                     );
                     poll_group::remember_qpair(guard.id, conn.token);
                     if cmd.qid == 0 {
+                        poll_group::keep_alive_changed();
                         st.queue = Queue::Admin {
                             ctrl: Box::new(Controller::new(cntlid, hostnqn, view, cmd.kato_ms)),
                             _guard: guard,

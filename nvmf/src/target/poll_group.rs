@@ -9,7 +9,8 @@
 //! - In adaptive mode, just before the reactor parks, a task arms one
 //!   io_uring poll on the epoll descriptor, so input on any socket wakes
 //!   the reactor; nothing is armed while the loop is spinning.
-//! - A timed poller enforces keep-alive timeouts.
+//! - An on-demand poller enforces keep-alive timeouts, woken at the
+//!   earliest deadline (and when an admin queue connects), never otherwise.
 //!
 //! Invariants: a connection lives on one core from accept to close; every
 //! map here is touched only by this core's thread; no borrow of the group
@@ -21,7 +22,6 @@ use std::net::TcpStream;
 use std::os::fd::RawFd;
 use std::rc::Rc;
 use std::task::{Poll, Waker};
-use std::time::Duration;
 
 use reactor::PollStatus;
 
@@ -33,8 +33,6 @@ const READY_BATCH: usize = 256;
 /// Up to this many connections on a core, each is polled with a
 /// non-blocking receive every turn instead of through `epoll_wait`.
 const DIRECT_RECV_CONNS: usize = 2;
-/// How often keep-alive timeouts are checked.
-const KEEP_ALIVE_CHECK: Duration = Duration::from_millis(500);
 
 struct PollGroup {
     conns: RefCell<HashMap<u64, Rc<Connection>>>,
@@ -50,8 +48,9 @@ struct PollGroup {
     /// Scratch: ready tokens of this turn, and connections to visit.
     scratch_tokens: RefCell<Vec<u64>>,
     scratch_conns: RefCell<Vec<Rc<Connection>>>,
-    /// The group's pollers (unregistered when dropped).
-    pollers: RefCell<Vec<reactor::PollerHandle>>,
+    /// The group's poller (unregistered when dropped).
+    poller: RefCell<Option<reactor::PollerHandle>>,
+    keep_alive: RefCell<Option<reactor::PollerHandle>>,
 }
 
 thread_local! {
@@ -77,7 +76,8 @@ fn group() -> Rc<PollGroup> {
                 arm_waker: RefCell::new(None),
                 scratch_tokens: RefCell::new(Vec::with_capacity(READY_BATCH)),
                 scratch_conns: RefCell::new(Vec::new()),
-                pollers: RefCell::new(Vec::new()),
+                poller: RefCell::new(None),
+                keep_alive: RefCell::new(None),
             });
             start(&g);
             g
@@ -92,11 +92,13 @@ fn start(g: &Rc<PollGroup>) {
         PollStatus::from_work(w.upgrade().is_some_and(|g| g.poll()))
     });
     let w = Rc::downgrade(g);
-    let keep_alive =
-        reactor::register_timed_poller("nvmf_tcp_keep_alive", KEEP_ALIVE_CHECK, move || {
-            PollStatus::from_work(w.upgrade().is_some_and(|g| g.check_keep_alive()))
-        });
-    g.pollers.borrow_mut().extend([poll, keep_alive]);
+    // Runs only when the earliest keep-alive deadline comes (or an admin
+    // queue connects): an idle target is not woken for nothing.
+    let keep_alive = reactor::register_on_demand_poller("nvmf_tcp_keep_alive", move || {
+        PollStatus::from_work(w.upgrade().is_some_and(|g| g.check_keep_alive()))
+    });
+    *g.poller.borrow_mut() = Some(poll);
+    *g.keep_alive.borrow_mut() = Some(keep_alive);
     let w = Rc::downgrade(g);
     reactor::on_park(move || {
         if let Some(g) = w.upgrade() {
@@ -180,6 +182,8 @@ impl PollGroup {
         busy
     }
 
+    /// Closes admin queues whose keep-alive ran out, then arms itself for
+    /// the earliest deadline left (traffic since only pushes it later).
     fn check_keep_alive(&self) -> bool {
         let now = reactor::ticks::now();
         let expired: Vec<Rc<Connection>> = self
@@ -191,6 +195,16 @@ impl PollGroup {
             .collect();
         for c in &expired {
             c.close("keep alive timeout");
+        }
+        let next = self
+            .conns
+            .borrow()
+            .values()
+            .filter(|c| !c.is_closed())
+            .filter_map(|c| c.keep_alive_deadline())
+            .min();
+        if let (Some(at), Some(p)) = (next, self.keep_alive.borrow().as_ref()) {
+            p.wake_at(at.max(now + 1));
         }
         !expired.is_empty()
     }
@@ -249,6 +263,17 @@ pub(crate) fn reap_later() {
         if let Some(g) = g.get() {
             g.reap.set(true);
             reactor::wake_loop();
+        }
+    });
+}
+
+/// An admin queue connected on this core: re-arm the keep-alive check.
+pub(crate) fn keep_alive_changed() {
+    GROUP.with(|g| {
+        if let Some(g) = g.get() {
+            if let Some(p) = g.keep_alive.borrow().as_ref() {
+                p.wake();
+            }
         }
     });
 }
