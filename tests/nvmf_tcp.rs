@@ -168,15 +168,7 @@ impl HostQueue {
     /// Sends a command (64-byte SQE, in-capsule `data`), returns the C2H
     /// data and the CQE bytes.
     fn cmd(&mut self, sqe: [u8; 64], data: &[u8]) -> (Vec<u8>, [u8; 16]) {
-        let plen = 72 + data.len();
-        let mut pdu = vec![0u8; plen];
-        pdu[0] = 4;
-        pdu[2] = 72;
-        pdu[3] = if data.is_empty() { 0 } else { 72 };
-        pdu[4..8].copy_from_slice(&(plen as u32).to_le_bytes());
-        pdu[8..72].copy_from_slice(&sqe);
-        pdu[72..].copy_from_slice(data);
-        self.s.write_all(&pdu).unwrap();
+        self.s.write_all(&capsule(sqe, data)).unwrap();
         let mut got = Vec::new();
         loop {
             let mut h = [0u8; 24];
@@ -199,12 +191,7 @@ impl HostQueue {
     /// A write whose data goes by R2T/H2CData (SGL 0x5A): sends the
     /// capsule, answers the R2T, returns the CQE.
     fn write_r2t(&mut self, sqe: [u8; 64], data: &[u8]) -> [u8; 16] {
-        let mut pdu = vec![0u8; 72];
-        pdu[0] = 4;
-        pdu[2] = 72;
-        pdu[4..8].copy_from_slice(&72u32.to_le_bytes());
-        pdu[8..72].copy_from_slice(&sqe);
-        self.s.write_all(&pdu).unwrap();
+        self.s.write_all(&capsule(sqe, &[])).unwrap();
         let mut h = [0u8; 24];
         self.s.read_exact(&mut h).unwrap();
         assert_eq!(h[0], 0x09, "R2T");
@@ -236,6 +223,19 @@ impl HostQueue {
         assert_eq!(h[0], 0x05);
         h[8..24].try_into().unwrap()
     }
+}
+
+/// A CapsuleCmd PDU without digests carrying `data` in the capsule.
+fn capsule(sqe: [u8; 64], data: &[u8]) -> Vec<u8> {
+    let plen = 72 + data.len();
+    let mut pdu = vec![0u8; plen];
+    pdu[0] = 4;
+    pdu[2] = 72;
+    pdu[3] = if data.is_empty() { 0 } else { 72 };
+    pdu[4..8].copy_from_slice(&(plen as u32).to_le_bytes());
+    pdu[8..72].copy_from_slice(&sqe);
+    pdu[72..].copy_from_slice(data);
+    pdu
 }
 
 fn rw(opcode: u8, cid: u16, slba: u64, nlb: u16, len: u32, in_capsule: bool) -> [u8; 64] {
@@ -669,12 +669,7 @@ fn a_new_namespace_is_announced_and_usable_at_once() {
 #[test]
 fn closing_the_admin_queue_closes_the_controllers_io_queues() {
     let (t, port) = target_with_listener();
-    let mut admin = HostQueue::open(port);
-    let (_, c) = admin.cmd(connect_cmd(0, 31, 0), &connect_data(0xFFFF, NQN, HOSTNQN));
-    let cntlid = dw0(&c) as u16;
-    let mut io = HostQueue::open(port);
-    let (_, c) = io.cmd(connect_cmd(1, 127, 0), &connect_data(cntlid, NQN, HOSTNQN));
-    assert_eq!(status(&c), (0, 0));
+    let (admin, mut io) = connected_queues(port);
     drop(admin);
     io.s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     let mut b = [0u8; 1];
@@ -764,15 +759,19 @@ fn random_pdu_streams_never_take_the_target_down() {
 
 /// Sends one CapsuleCmd (in-capsule `data`) without waiting.
 fn send_capsule(s: &mut TcpStream, sqe: [u8; 64], data: &[u8]) {
-    let plen = 72 + data.len();
-    let mut pdu = vec![0u8; plen];
-    pdu[0] = 4;
-    pdu[2] = 72;
-    pdu[3] = if data.is_empty() { 0 } else { 72 };
-    pdu[4..8].copy_from_slice(&(plen as u32).to_le_bytes());
-    pdu[8..72].copy_from_slice(&sqe);
-    pdu[72..].copy_from_slice(data);
-    s.write_all(&pdu).unwrap();
+    s.write_all(&capsule(sqe, data)).unwrap();
+}
+
+/// An admin queue with a controller and an I/O queue (128 entries) on it.
+fn connected_queues(port: u16) -> (HostQueue, HostQueue) {
+    let mut admin = HostQueue::open(port);
+    let (_, c) = admin.cmd(connect_cmd(0, 31, 0), &connect_data(0xFFFF, NQN, HOSTNQN));
+    assert_eq!(status(&c), (0, 0));
+    let cntlid = dw0(&c) as u16;
+    let mut io = HostQueue::open(port);
+    let (_, c) = io.cmd(connect_cmd(1, 127, 0), &connect_data(cntlid, NQN, HOSTNQN));
+    assert_eq!(status(&c), (0, 0));
+    (admin, io)
 }
 
 /// Reads one PDU without digests: (type, 24-byte header, data).
@@ -806,27 +805,14 @@ fn many_commands_in_flight_on_one_queue_complete_with_the_right_data() {
         "nvmf_subsystem_add_ns",
         json!({"nqn": NQN, "namespace": {"bdev_name": "M0"}}),
     );
-    let mut admin = HostQueue::open(port);
-    let (_, c) = admin.cmd(connect_cmd(0, 31, 0), &connect_data(0xFFFF, NQN, HOSTNQN));
-    let cntlid = dw0(&c) as u16;
-    let mut io = HostQueue::open(port);
-    let (_, c) = io.cmd(connect_cmd(1, 127, 0), &connect_data(cntlid, NQN, HOSTNQN));
-    assert_eq!(status(&c), (0, 0));
+    let (_admin, mut io) = connected_queues(port);
     let s = &mut io.s;
 
     // 100 writes in one burst (one TCP write), then 100 reads likewise.
     let mut burst = Vec::new();
     for i in 0..100u16 {
         let sqe = rw(0x01, i, i as u64 * 3, 1, 4096, true);
-        let plen = 72 + 4096;
-        let mut pdu = vec![0u8; plen];
-        pdu[0] = 4;
-        pdu[2] = 72;
-        pdu[3] = 72;
-        pdu[4..8].copy_from_slice(&(plen as u32).to_le_bytes());
-        pdu[8..72].copy_from_slice(&sqe);
-        pdu[72..].copy_from_slice(&block(i as u64));
-        burst.extend_from_slice(&pdu);
+        burst.extend_from_slice(&capsule(sqe, &block(i as u64)));
     }
     s.write_all(&burst).unwrap();
     let mut seen = std::collections::BTreeSet::new();
@@ -926,24 +912,12 @@ fn in_capsule_writes_held_by_a_slow_bdev_keep_their_data() {
         "nvmf_subsystem_add_ns",
         json!({"nqn": NQN, "namespace": {"bdev_name": "D0"}}),
     );
-    let mut admin = HostQueue::open(port);
-    let (_, c) = admin.cmd(connect_cmd(0, 31, 0), &connect_data(0xFFFF, NQN, HOSTNQN));
-    let cntlid = dw0(&c) as u16;
-    let mut io = HostQueue::open(port);
-    let (_, c) = io.cmd(connect_cmd(1, 127, 0), &connect_data(cntlid, NQN, HOSTNQN));
-    assert_eq!(status(&c), (0, 0));
+    let (_admin, mut io) = connected_queues(port);
     for round in 0..3u64 {
         let mut burst = Vec::new();
         for i in 0..120u16 {
             let sqe = rw(0x01, i, i as u64 * 5 + round, 1, 4096, true);
-            let mut pdu = vec![0u8; 72 + 4096];
-            pdu[0] = 4;
-            pdu[2] = 72;
-            pdu[3] = 72;
-            pdu[4..8].copy_from_slice(&((72 + 4096) as u32).to_le_bytes());
-            pdu[8..72].copy_from_slice(&sqe);
-            pdu[72..].copy_from_slice(&block(i as u64 + round * 1000));
-            burst.extend_from_slice(&pdu);
+            burst.extend_from_slice(&capsule(sqe, &block(i as u64 + round * 1000)));
         }
         io.s.write_all(&burst).unwrap();
         let mut seen = std::collections::BTreeSet::new();

@@ -16,8 +16,8 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use libfuzzer_sys::fuzz_target;
-use nvmf::wire::fabrics::{fctype, ConnectCmd, ConnectData, CNTLID_DYNAMIC};
-use nvmf::wire::nvme::{SglDescriptor, Sqe, FLAGS_PSDT_SGL, OPC_FABRICS};
+use nvmf::initiator::connect_command;
+use nvmf::wire::fabrics::CNTLID_DYNAMIC;
 use nvmf::wire::pdu::{
     encode_capsule_cmd, Digests, IcReq, CAPSULE_CMD_HLEN, DIGEST_BYTES, IC_BYTES,
 };
@@ -84,27 +84,8 @@ fn icreq() -> [u8; IC_BYTES] {
 }
 
 fn connect(qid: u16, cntlid: u16) -> Vec<u8> {
-    let mut sqe = Sqe::default();
-    sqe.set_opcode(OPC_FABRICS)
-        .set_flags(FLAGS_PSDT_SGL)
-        .set_fctype(fctype::CONNECT)
-        .set_sgl(SglDescriptor::in_capsule(0, 1024));
-    ConnectCmd {
-        recfmt: 0,
-        qid,
-        sqsize: 31,
-        cattr: 0,
-        kato_ms: if qid == 0 { 5000 } else { 0 },
-    }
-    .write(&mut sqe);
-    let mut data = [0u8; 1024];
-    ConnectData {
-        hostid: [7; 16],
-        cntlid,
-        subnqn: NQN.into(),
-        hostnqn: HOSTNQN.into(),
-    }
-    .encode(&mut data);
+    let kato = if qid == 0 { 5000 } else { 0 };
+    let (sqe, data) = connect_command(qid, 31, kato, cntlid, NQN, HOSTNQN);
     let mut hdr = [0u8; CAPSULE_CMD_HLEN + DIGEST_BYTES];
     let n = encode_capsule_cmd(&mut hdr, &sqe, data.len(), Digests::default());
     let mut out = hdr[..n].to_vec();

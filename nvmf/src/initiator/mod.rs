@@ -8,7 +8,9 @@
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 
-use crate::wire::fabrics::{fctype, ConnectCmd, ConnectData, PropertyCmd, CNTLID_DYNAMIC};
+use crate::wire::fabrics::{
+    fctype, ConnectCmd, ConnectData, PropertyCmd, CNTLID_DYNAMIC, CONNECT_DATA_BYTES,
+};
 use crate::wire::nvme::{Cqe, SglDescriptor, Sqe, FLAGS_PSDT_SGL, OPC_FABRICS};
 use crate::wire::pdu::{
     check, encode_capsule_cmd, CommonHeader, DataHeader, Digests, IcReq, IcResp, PduLayout,
@@ -79,6 +81,41 @@ impl Write for SpinningStream {
     }
 }
 
+/// A fabrics Connect for queue `qid` (SQ size `sqsize`, 0's based) and its
+/// 1 KiB of in-capsule data (controller `cntlid`: `CNTLID_DYNAMIC` for a new
+/// one on the admin queue).
+pub fn connect_command(
+    qid: u16,
+    sqsize: u16,
+    kato_ms: u32,
+    cntlid: u16,
+    subnqn: &str,
+    hostnqn: &str,
+) -> (Sqe, [u8; CONNECT_DATA_BYTES]) {
+    let mut sqe = Sqe::default();
+    sqe.set_opcode(OPC_FABRICS)
+        .set_flags(FLAGS_PSDT_SGL)
+        .set_fctype(fctype::CONNECT)
+        .set_sgl(SglDescriptor::in_capsule(0, CONNECT_DATA_BYTES as u32));
+    ConnectCmd {
+        recfmt: 0,
+        qid,
+        sqsize,
+        cattr: 0,
+        kato_ms,
+    }
+    .write(&mut sqe);
+    let mut data = [0u8; CONNECT_DATA_BYTES];
+    ConnectData {
+        hostid: [0x42; 16],
+        cntlid,
+        subnqn: subnqn.into(),
+        hostnqn: hostnqn.into(),
+    }
+    .encode(&mut data);
+    (sqe, data)
+}
+
 /// Read-ahead per queue: many PDUs per `read`.
 const RX_BUF_BYTES: usize = 256 * 1024;
 
@@ -141,27 +178,14 @@ impl HostQueue {
         }
         q.digests = digests;
         q.maxh2cdata = resp.maxh2cdata;
-        let mut sqe = Sqe::default();
-        sqe.set_opcode(OPC_FABRICS)
-            .set_flags(FLAGS_PSDT_SGL)
-            .set_fctype(fctype::CONNECT)
-            .set_sgl(SglDescriptor::in_capsule(0, 1024));
-        ConnectCmd {
-            recfmt: 0,
+        let (sqe, data) = connect_command(
             qid,
             sqsize,
-            cattr: 0,
-            kato_ms: if qid == 0 { 30_000 } else { 0 },
-        }
-        .write(&mut sqe);
-        let mut data = [0u8; 1024];
-        ConnectData {
-            hostid: [0x42; 16],
-            cntlid: if qid == 0 { CNTLID_DYNAMIC } else { cntlid },
-            subnqn: subnqn.into(),
-            hostnqn: hostnqn.into(),
-        }
-        .encode(&mut data);
+            if qid == 0 { 30_000 } else { 0 },
+            if qid == 0 { CNTLID_DYNAMIC } else { cntlid },
+            subnqn,
+            hostnqn,
+        );
         q.send(&sqe, &data)?;
         let cqe = q.expect_resp()?;
         q.cntlid = cqe.dw0() as u16;

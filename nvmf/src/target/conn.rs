@@ -18,7 +18,7 @@
 
 use std::cell::{Cell, RefCell};
 use std::io::{IoSlice, IoSliceMut};
-use std::rc::{Rc, Weak};
+use std::rc::Rc;
 
 use bdev::{IoBox, IoBuf, IoChannel, IoCompletion, IoType};
 
@@ -359,10 +359,6 @@ impl Connection {
             completions: RefCell::new(Vec::with_capacity(256)),
             kicked: Cell::new(false),
         }
-    }
-
-    pub fn fd(&self) -> std::os::fd::RawFd {
-        self.state.borrow().sock.fd()
     }
 
     pub fn is_closed(&self) -> bool {
@@ -827,31 +823,13 @@ impl ConnState {
     /// Queues a response: `data` (cut to what the SGL asked) as one
     /// C2HData, then the CapsuleResp.
     fn respond(&mut self, sqe: &Sqe, c: Cqe, data: &[u8]) {
-        let len = data.len().min(sqe.sgl().length() as usize);
-        if len > 0 {
-            let mut hdr = [0u8; SHORT_HLEN + DIGEST_BYTES];
-            let n = DataHeader {
-                cccid: sqe.cid(),
-                ttag: 0,
-                offset: 0,
-                length: len as u32,
-            }
-            .encode(
-                &mut hdr,
-                PduType::C2HData,
-                pdu::flags::LAST_PDU,
-                self.digests,
-            );
-            self.send.push_bytes(&hdr[..n]);
-            self.send.push_bytes(&data[..len]);
-            if self.digests.data {
-                let d = crate::wire::crc32c_digest(&data[..len]);
-                self.send.push_bytes(&d.to_le_bytes());
-            }
+        let data = &data[..data.len().min(sqe.sgl().length() as usize)];
+        if !data.is_empty() {
+            push_c2h_header(&mut self.send, sqe.cid(), data.len(), self.digests);
+            self.send.push_bytes(data);
+            push_data_digest(&mut self.send, data, self.digests);
         }
-        let mut rsp = [0u8; SHORT_HLEN + DIGEST_BYTES];
-        let n = encode_capsule_resp(&mut rsp, &c, self.digests);
-        self.send.push_bytes(&rsp[..n]);
+        push_capsule_resp(&mut self.send, &c, self.digests);
     }
 
     fn respond_outcome(&mut self, sqe: &Sqe, out: AdminOutcome) {
@@ -1035,9 +1013,8 @@ impl ConnState {
                 more = !c.pending_aers.is_empty();
             }
             if let Some(c) = notice {
-                let mut rsp = [0u8; SHORT_HLEN + DIGEST_BYTES];
-                let n = encode_capsule_resp(&mut rsp, &c, st.digests);
-                st.send.push_bytes(&rsp[..n]);
+                let digests = st.digests;
+                push_capsule_resp(&mut st.send, &c, digests);
             }
             if more {
                 st.watch_namespaces(&conn);
@@ -1382,9 +1359,7 @@ impl ConnState {
             r.borrowed = IoBuf::empty();
             self.rx.unpin(id);
         }
-        let mut rsp = [0u8; SHORT_HLEN + DIGEST_BYTES];
-        let n = encode_capsule_resp(&mut rsp, &cqe(r.sqe.cid(), status), self.digests);
-        self.send.push_bytes(&rsp[..n]);
+        push_capsule_resp(&mut self.send, &cqe(r.sqe.cid(), status), self.digests);
         q.reqs.release(i);
         COMPLETED_NVME_IO.with(|c| c.set(c.get() + 1));
     }
@@ -1395,37 +1370,17 @@ impl ConnState {
         let Queue::Io(q) = &mut self.queue else {
             return;
         };
-        let Some(r) = q.reqs.get_mut(i) else { return };
-        let cid = r.sqe.cid();
-        let data = if r.lent.is_empty() {
-            r.buf.as_slice()
-        } else {
-            r.lent.as_slice()
+        let Some(cid) = q.reqs.get(i).map(|r| r.sqe.cid()) else {
+            return;
         };
-        let len = data.len();
-        let mut hdr = [0u8; SHORT_HLEN + DIGEST_BYTES];
-        let n = DataHeader {
-            cccid: cid,
-            ttag: 0,
-            offset: 0,
-            length: len as u32,
+        let data = q.reqs.read_data(i);
+        push_c2h_header(&mut self.send, cid, data.len(), self.digests);
+        self.send.push_slot(i, 0, data.len());
+        push_data_digest(&mut self.send, data, self.digests);
+        push_capsule_resp(&mut self.send, &cqe(cid, Status::SUCCESS), self.digests);
+        if let Some(r) = q.reqs.get_mut(i) {
+            r.state = SlotState::Sending;
         }
-        .encode(
-            &mut hdr,
-            PduType::C2HData,
-            pdu::flags::LAST_PDU,
-            self.digests,
-        );
-        self.send.push_bytes(&hdr[..n]);
-        self.send.push_slot(i, 0, len);
-        if self.digests.data {
-            let d = crate::wire::crc32c_digest(data);
-            self.send.push_bytes(&d.to_le_bytes());
-        }
-        r.state = SlotState::Sending;
-        let mut rsp = [0u8; SHORT_HLEN + DIGEST_BYTES];
-        let n = encode_capsule_resp(&mut rsp, &cqe(cid, Status::SUCCESS), self.digests);
-        self.send.push_bytes(&rsp[..n]);
         COMPLETED_NVME_IO.with(|c| c.set(c.get() + 1));
     }
 
@@ -1484,13 +1439,35 @@ fn spawn_after_poll(fut: impl std::future::Future<Output = ()> + 'static) {
     });
 }
 
-fn fatal(e: PduError, header: &[u8]) -> Ending {
-    Ending::Fatal(e, header[..header.len().min(TERM_REQ_MAX_DATA)].to_vec())
+/// Queues the header of a C2HData carrying `len` bytes of command `cid`
+/// (the data follows it).
+fn push_c2h_header(send: &mut SendQueue, cid: u16, len: usize, digests: Digests) {
+    let mut hdr = [0u8; SHORT_HLEN + DIGEST_BYTES];
+    let n = DataHeader {
+        cccid: cid,
+        ttag: 0,
+        offset: 0,
+        length: len as u32,
+    }
+    .encode(&mut hdr, PduType::C2HData, pdu::flags::LAST_PDU, digests);
+    send.push_bytes(&hdr[..n]);
 }
 
-/// Whether `w` still refers to a live connection (for tests of teardown).
-pub fn is_live(w: &Weak<Connection>) -> bool {
-    w.upgrade().is_some_and(|c| !c.is_closed())
+/// Queues the data digest of `data` when negotiated.
+fn push_data_digest(send: &mut SendQueue, data: &[u8], digests: Digests) {
+    if digests.data {
+        send.push_bytes(&crate::wire::crc32c_digest(data).to_le_bytes());
+    }
+}
+
+fn push_capsule_resp(send: &mut SendQueue, c: &Cqe, digests: Digests) {
+    let mut rsp = [0u8; SHORT_HLEN + DIGEST_BYTES];
+    let n = encode_capsule_resp(&mut rsp, c, digests);
+    send.push_bytes(&rsp[..n]);
+}
+
+fn fatal(e: PduError, header: &[u8]) -> Ending {
+    Ending::Fatal(e, header[..header.len().min(TERM_REQ_MAX_DATA)].to_vec())
 }
 
 #[cfg(test)]
