@@ -49,6 +49,48 @@ pub trait Bdev: AsAnyRef + Send + Sync + 'static {
     }
 }
 
+/// How a module needs its I/O shaped (SPDK's `required_alignment`,
+/// `optimal_io_boundary` with `split_on_optimal_io_boundary`, and
+/// `max_rw_size`). The bdev layer honours them for every submitter: it
+/// bounces data that is not aligned and splits reads, writes and compares
+/// that are too large or cross a boundary, so no module or transport
+/// repeats that.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct IoRequirements {
+    /// Alignment of data buffers in bytes (a power of two, at most
+    /// [`crate::io::IO_BUF_ALIGN`]); 0 or 1: any.
+    pub required_alignment: u32,
+    /// No read or write crosses a multiple of this many blocks (0: none).
+    pub split_boundary_blocks: u64,
+    /// Largest read or write in blocks (0: no limit).
+    pub max_transfer_blocks: u64,
+}
+
+impl IoRequirements {
+    /// Whether an I/O of `num_blocks` at `offset_blocks` must be split.
+    #[inline]
+    pub fn needs_split(&self, offset_blocks: u64, num_blocks: u64) -> bool {
+        (self.max_transfer_blocks != 0 && num_blocks > self.max_transfer_blocks)
+            || (self.split_boundary_blocks != 0
+                && offset_blocks % self.split_boundary_blocks + num_blocks
+                    > self.split_boundary_blocks)
+    }
+
+    /// Blocks from `offset_blocks` that one piece of a split I/O of `left`
+    /// blocks may cover.
+    pub fn piece_blocks(&self, offset_blocks: u64, left: u64) -> u64 {
+        let mut n = left;
+        if self.max_transfer_blocks != 0 {
+            n = n.min(self.max_transfer_blocks);
+        }
+        if self.split_boundary_blocks != 0 {
+            let b = self.split_boundary_blocks;
+            n = n.min(b - offset_blocks % b);
+        }
+        n
+    }
+}
+
 /// The identity and geometry a module gives at registration.
 #[derive(Debug, Clone)]
 pub struct BdevProps {
@@ -58,6 +100,7 @@ pub struct BdevProps {
     pub num_blocks: u64,
     /// Extra names the bdev is also known by (the UUID is added too).
     pub aliases: Vec<String>,
+    pub io: IoRequirements,
 }
 
 impl BdevProps {
@@ -69,7 +112,13 @@ impl BdevProps {
             block_size,
             num_blocks,
             aliases: Vec::new(),
+            io: IoRequirements::default(),
         }
+    }
+
+    pub fn with_io(mut self, io: IoRequirements) -> BdevProps {
+        self.io = io;
+        self
     }
 }
 
@@ -84,6 +133,10 @@ pub(crate) struct BdevShared {
     /// `io_type_supported` for every type, asked once at registration so
     /// the submit path needs no virtual call (bit = `IoType as u8`).
     pub(crate) supported_mask: u8,
+    /// `props.io.required_alignment - 1` (0: any alignment).
+    pub(crate) align_mask: usize,
+    /// Whether `props.io` asks for splitting at all.
+    pub(crate) splits: bool,
 }
 
 /// A registered bdev. Cheap to clone and `Send`: channels on every core
@@ -97,8 +150,12 @@ impl BdevHandle {
             .iter()
             .filter(|t| ops.io_type_supported(**t))
             .fold(0u8, |m, t| m | (1 << *t as u8));
+        let align_mask = (props.io.required_alignment.max(1) as usize) - 1;
+        let splits = props.io.split_boundary_blocks != 0 || props.io.max_transfer_blocks != 0;
         BdevHandle(Arc::new(BdevShared {
             supported_mask,
+            align_mask,
+            splits,
             id,
             props,
             ops,
@@ -133,6 +190,10 @@ impl BdevHandle {
 
     pub fn props(&self) -> &BdevProps {
         &self.0.props
+    }
+
+    pub fn io_requirements(&self) -> IoRequirements {
+        self.0.props.io
     }
 
     pub fn ops(&self) -> &dyn Bdev {

@@ -6,23 +6,43 @@
 //! on first `get_channel` and destroyed when the last user drops it, its
 //! statistics then folded into the bdev's retired totals.
 //!
+//! Submit is where the framework shapes I/O for the module
+//! ([`crate::IoRequirements`]): it splits reads, writes and compares that
+//! are too large or cross the bdev's boundary (`split.rs`), and bounces
+//! data that is not aligned as the module needs through an aligned buffer
+//! from the pool, copying a read's data back at completion.
+//!
 //! Completions that happen while the core is inside a `submit` are queued
 //! and delivered by this core's completion poller on the next loop turn,
-//! never recursively.
+//! never recursively. A module that runs out of a resource completes with
+//! `NoMemory`; the I/O then waits in its channel (SPDK's nomem_io /
+//! io_wait) and is resubmitted when another I/O of the channel completes,
+//! or after [`NOMEM_RETRY_DELAY`] if none is in flight: the submitter never
+//! sees a transient shortage.
+//!
+//! Unregister drains: it waits on every core until the bdev's channel has
+//! no I/O in flight before the module's `destruct` runs (`drain_core`).
 
 use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, VecDeque};
 use std::rc::{Rc, Weak};
+use std::time::Duration;
 
 use crate::bdev::BdevHandle;
-use crate::io::{Frame, IoBox, IoCompletion, IoStatus, IoType};
+use crate::io::{frame_flags, Frame, IoBox, IoBuf, IoCompletion, IoStatus, IoType, SharedBuf};
 use crate::stats::IoStat;
+
+/// How long an I/O the module refused for lack of resources waits before
+/// it is retried when nothing else on its channel is in flight to signal
+/// that resources came back.
+pub const NOMEM_RETRY_DELAY: Duration = Duration::from_micros(100);
 
 /// A module's per-core channel: receives I/O for its bdev on this core.
 pub trait BdevChannel {
     /// Starts `io`. The module completes it later (or inline) with
     /// [`IoBox::complete`]. The request has been validated against the
-    /// bdev's geometry and supported I/O types.
+    /// bdev's geometry and supported I/O types, and shaped to its
+    /// [`crate::IoRequirements`].
     fn submit(self: Rc<Self>, io: IoBox);
 }
 
@@ -32,6 +52,12 @@ pub(crate) struct ChannelInner {
     stats: RefCell<IoStat>,
     /// I/O submitted into this channel and not yet completed.
     in_flight: Cell<u64>,
+    /// I/O the module completed with `NoMemory`, in order, to resubmit.
+    nomem: RefCell<VecDeque<IoBox>>,
+    /// In the core's list of channels the retry timer visits.
+    nomem_listed: Cell<bool>,
+    /// Unregister waiting for `in_flight` to reach zero.
+    drain_waiters: RefCell<Vec<reactor::CompletionSender<()>>>,
 }
 
 impl Drop for ChannelInner {
@@ -71,12 +97,19 @@ impl IoChannel {
     /// requests (out of range, buffer too small, unsupported type, removed
     /// bdev) complete with `Failed` without reaching the module.
     #[inline]
-    pub fn submit(&self, mut io: IoBox, cb: Rc<dyn IoCompletion>) {
+    pub fn submit(&self, io: IoBox, cb: Rc<dyn IoCompletion>) {
+        self.submit_with(io, cb, 0);
+    }
+
+    /// [`IoChannel::submit`] with `frame_flags` for this layer's frame.
+    #[inline]
+    pub(crate) fn submit_with(&self, mut io: IoBox, cb: Rc<dyn IoCompletion>, flags: u8) {
         let frame = Frame {
             channel: self.clone(),
             cb,
             submit_tick: reactor::ticks::now(),
             module_ctx: 0,
+            flags,
         };
         if !io.push_frame(frame) {
             // Stack overflow: cannot even record a frame; fail to the caller
@@ -86,12 +119,26 @@ impl IoChannel {
             return;
         }
         self.0.in_flight.set(self.0.in_flight.get() + 1);
+        if io.io_type == IoType::Read && !io.shared.is_empty() {
+            // A view left from an earlier zero-copy read of this IoBox.
+            io.shared = SharedBuf::empty();
+        }
         let ok = self.validate(&io);
         CORE.with(|c| c.submit_depth.set(c.submit_depth.get() + 1));
-        if ok {
-            self.0.module.clone().submit(io);
-        } else {
+        let b = &self.0.bdev.0;
+        if !ok {
             io.complete(IoStatus::Failed);
+        } else if b.splits
+            && flags & frame_flags::SPLIT_CHILD == 0
+            && io.io_type.has_data()
+            && b.props.io.needs_split(io.offset_blocks, io.num_blocks)
+        {
+            crate::split::start(self, io);
+        } else {
+            if b.align_mask != 0 && self.misaligned(&io) {
+                bounce(&mut io, self.0.bdev.block_size());
+            }
+            self.0.module.clone().submit(io);
         }
         CORE.with(|c| c.submit_depth.set(c.submit_depth.get() - 1));
     }
@@ -111,7 +158,89 @@ impl IoChannel {
         if end > b.num_blocks() || io.num_blocks == 0 {
             return false;
         }
-        !io.io_type.has_data() || io.buf.len() as u64 >= io.num_blocks * b.block_size() as u64
+        let need = io.num_blocks * b.block_size() as u64;
+        match io.io_type {
+            IoType::Read => io.buf.len() as u64 >= need,
+            IoType::Write | IoType::Compare => io.data().len() as u64 >= need,
+            _ => true,
+        }
+    }
+
+    /// Whether `io`'s data does not start where the module needs it to.
+    #[inline]
+    fn misaligned(&self, io: &IoBox) -> bool {
+        let mask = self.0.bdev.0.align_mask;
+        match io.io_type {
+            IoType::Read => io.buf.as_ptr() as usize & mask != 0,
+            IoType::Write | IoType::Compare => io.data_ptr() as usize & mask != 0,
+            _ => false,
+        }
+    }
+
+    /// Queues `io`, which the module refused for lack of resources, for
+    /// resubmission (its frame stays: it is still in this channel).
+    fn queue_nomem(&self, mut io: IoBox) {
+        io.set_status(IoStatus::Pending);
+        self.0.stats.borrow_mut().nomem += 1;
+        self.0.nomem.borrow_mut().push_back(io);
+        if !self.0.nomem_listed.replace(true) {
+            CORE.with(|c| c.nomem_channels.borrow_mut().push(self.clone()));
+        }
+        if self.0.in_flight.get() as usize == self.0.nomem.borrow().len() {
+            // Nothing else in flight will complete and retry these.
+            CORE.with(|c| c.arm_nomem_retry());
+        }
+    }
+
+    /// Resubmits the I/O waiting for resources, in order. Inline
+    /// completions are deferred (as in any submit), so a module that
+    /// refuses again cannot recurse.
+    fn retry_nomem(&self) {
+        let n = self.0.nomem.borrow().len();
+        if n == 0 {
+            return;
+        }
+        CORE.with(|c| c.submit_depth.set(c.submit_depth.get() + 1));
+        for _ in 0..n {
+            let Some(io) = self.0.nomem.borrow_mut().pop_front() else {
+                break;
+            };
+            self.0.module.clone().submit(io);
+        }
+        CORE.with(|c| c.submit_depth.set(c.submit_depth.get() - 1));
+    }
+}
+
+/// Moves `io`'s data into an aligned buffer from the pool (copying a
+/// write's data in); the submitter's buffers wait in the I/O's stash until
+/// `unbounce` at this layer's completion.
+fn bounce(io: &mut crate::io::BdevIo, block_size: u32) {
+    let len = (io.num_blocks * block_size as u64) as usize;
+    let mut b = IoBuf::new(len);
+    if io.io_type != IoType::Read {
+        b.as_mut_slice().copy_from_slice(&io.data()[..len]);
+    }
+    debug_assert!(io.stash_buf.is_empty() && io.stash_shared.is_empty());
+    io.stash_buf = std::mem::replace(&mut io.buf, b);
+    io.stash_shared = std::mem::take(&mut io.shared);
+    if let Some(f) = io.top_frame() {
+        f.flags |= frame_flags::BOUNCED;
+    }
+}
+
+/// Puts the submitter's buffers back, with a successful read's data.
+fn unbounce(io: &mut crate::io::BdevIo) {
+    let lent = std::mem::take(&mut io.shared);
+    let bounced = std::mem::replace(&mut io.buf, std::mem::take(&mut io.stash_buf));
+    io.shared = std::mem::take(&mut io.stash_shared);
+    if io.io_type == IoType::Read && io.status().is_success() {
+        let src = if lent.is_empty() {
+            bounced.as_slice()
+        } else {
+            lent.as_slice()
+        };
+        let n = src.len().min(io.buf.len());
+        io.buf.as_mut_slice()[..n].copy_from_slice(&src[..n]);
     }
 }
 
@@ -141,24 +270,47 @@ pub(crate) fn complete_io(io: IoBox) {
 
 /// Pops the top frame at time `now` (one clock read serves a whole batch
 /// of deferred completions) and hands the I/O to that layer's callback,
-/// with the layer's latency recorded in the I/O.
+/// with the layer's latency recorded in the I/O. An I/O refused for lack
+/// of resources stays in its channel instead, to be resubmitted.
 #[inline]
 fn deliver(mut io: IoBox, now: u64) {
+    if io.status() == IoStatus::NoMemory {
+        if let Some(ch) = io.top_frame().map(|f| f.channel.clone()) {
+            ch.queue_nomem(io);
+            return;
+        }
+    }
     let Some(frame) = io.pop_frame() else {
         log::error!("completed an I/O with no submitter; dropping it");
         return;
     };
     let ch = &frame.channel.0;
     ch.in_flight.set(ch.in_flight.get() - 1);
+    if frame.flags & frame_flags::BOUNCED != 0 {
+        unbounce(&mut io);
+    }
     let latency = now.saturating_sub(frame.submit_tick);
     io.set_latency_ticks(latency);
-    let bytes = io.num_blocks * ch.bdev.block_size() as u64;
-    ch.stats
-        .borrow_mut()
-        .record(io.io_type, bytes, latency, io.status());
+    if frame.flags & frame_flags::SPLIT_CHILD == 0 {
+        let bytes = io.num_blocks * ch.bdev.block_size() as u64;
+        ch.stats
+            .borrow_mut()
+            .record(io.io_type, bytes, latency, io.status());
+    }
+    if ch.in_flight.get() == 0 && !ch.drain_waiters.borrow().is_empty() {
+        for w in ch.drain_waiters.take() {
+            w.complete(());
+        }
+    }
+    // Resources came back: retry what waits for them (after handing this
+    // one on, so the retries do not overtake its completion).
+    let retry = (!ch.nomem.borrow().is_empty()).then(|| frame.channel.clone());
     let cb = frame.cb;
     drop(frame.channel);
     cb.io_done(io);
+    if let Some(ch) = retry {
+        ch.retry_nomem();
+    }
 }
 
 /// Per-core state of the bdev layer.
@@ -167,6 +319,9 @@ struct CoreState {
     deferred: RefCell<VecDeque<IoBox>>,
     submit_depth: Cell<u32>,
     poller: RefCell<Option<reactor::PollerHandle>>,
+    /// Channels with I/O waiting for resources.
+    nomem_channels: RefCell<Vec<IoChannel>>,
+    nomem_poller: RefCell<Option<reactor::PollerHandle>>,
 }
 
 impl CoreState {
@@ -174,6 +329,14 @@ impl CoreState {
         if let Some(p) = self.poller.borrow().as_ref() {
             p.wake();
         }
+    }
+
+    fn arm_nomem_retry(&self) {
+        let mut p = self.nomem_poller.borrow_mut();
+        let p = p.get_or_insert_with(|| {
+            reactor::register_on_demand_poller("bdev_nomem_retry", retry_nomem_channels)
+        });
+        p.wake_after(NOMEM_RETRY_DELAY);
     }
 }
 
@@ -183,7 +346,44 @@ thread_local! {
         deferred: RefCell::new(VecDeque::new()),
         submit_depth: Cell::new(0),
         poller: RefCell::new(None),
+        nomem_channels: RefCell::new(Vec::new()),
+        nomem_poller: RefCell::new(None),
     };
+}
+
+/// The retry timer: resubmits waiting I/O of every channel that has
+/// nothing else in flight (the others retry on their own completions). One
+/// refused again is queued again, which re-arms the timer.
+fn retry_nomem_channels() -> reactor::PollStatus {
+    let chans = CORE.with(|c| c.nomem_channels.take());
+    let mut work = false;
+    for ch in chans {
+        ch.0.nomem_listed.set(false);
+        let waiting = ch.0.nomem.borrow().len();
+        if waiting > 0 && ch.0.in_flight.get() as usize == waiting {
+            work = true;
+            ch.retry_nomem();
+        }
+        if !ch.0.nomem.borrow().is_empty() && !ch.0.nomem_listed.replace(true) {
+            CORE.with(|c| c.nomem_channels.borrow_mut().push(ch.clone()));
+        }
+    }
+    reactor::PollStatus::from_work(work)
+}
+
+/// Resolves once this core's channel of bdev `id` (if any) has no I/O in
+/// flight. New I/O is refused meanwhile (the bdev is marked removed), so
+/// this is the last of it.
+pub(crate) async fn drain_core(id: u64) {
+    let ch = CORE.with(|c| c.channels.borrow().get(&id).and_then(|w| w.upgrade()));
+    let Some(ch) = ch else { return };
+    if ch.in_flight.get() == 0 {
+        return;
+    }
+    let (tx, rx) = reactor::completion();
+    ch.drain_waiters.borrow_mut().push(tx);
+    drop(ch);
+    let _ = rx.await;
 }
 
 /// Delivers the completions queued before this turn; those queued while it
@@ -228,6 +428,9 @@ pub(crate) fn get_channel(bdev: &BdevHandle) -> IoChannel {
         module,
         stats: RefCell::new(IoStat::default()),
         in_flight: Cell::new(0),
+        nomem: RefCell::new(VecDeque::new()),
+        nomem_listed: Cell::new(false),
+        drain_waiters: RefCell::new(Vec::new()),
     });
     CORE.with(|c| c.channels.borrow_mut().insert(id, Rc::downgrade(&inner)));
     IoChannel(inner)
@@ -349,3 +552,7 @@ impl IoChannel {
         }
     }
 }
+
+#[cfg(test)]
+#[path = "channel_tests.rs"]
+mod tests;

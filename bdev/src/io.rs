@@ -15,27 +15,20 @@
 //! - `IoBox`es come from a per-core free list; steady-state I/O allocates
 //!   nothing.
 
-use std::alloc::{self, Layout};
 use std::cell::RefCell;
 use std::ops::{Deref, DerefMut};
-use std::ptr::NonNull;
 use std::rc::Rc;
 
+pub use crate::buf::{IoBuf, SharedBuf, IO_BUF_ALIGN};
 use crate::channel::{self, IoChannel};
 
 /// Deepest stack of channels one I/O can pass through (e.g. nvmf → delay →
 /// error → raid → lvol → uring). A bound keeps the frame array inline.
 pub const MAX_IO_STACK: usize = 8;
 
-/// Data buffers are aligned for O_DIRECT on any device block size we accept.
-pub const IO_BUF_ALIGN: usize = 4096;
-
 /// Free `IoBox`es kept per core; beyond this they are freed. Sized above
 /// the deepest queue a core is expected to keep in flight.
 const IO_POOL_MAX: usize = 4096;
-
-/// Buffers larger than this are not kept with a pooled `IoBox`.
-const POOLED_BUF_MAX: usize = 128 * 1024;
 
 /// The I/O types, in SPDK's enum order where they overlap.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -97,128 +90,6 @@ impl IoStatus {
     }
 }
 
-/// A data buffer, aligned to [`IO_BUF_ALIGN`]. Either owned (freed on drop)
-/// or borrowed from another I/O's buffer (RAID children), in which case the
-/// owner guarantees it outlives this one.
-pub struct IoBuf {
-    ptr: NonNull<u8>,
-    len: usize,
-    cap: usize,
-    owned: bool,
-}
-
-impl IoBuf {
-    pub const fn empty() -> IoBuf {
-        IoBuf {
-            ptr: NonNull::dangling(),
-            len: 0,
-            cap: 0,
-            owned: false,
-        }
-    }
-
-    /// A zeroed, aligned buffer of `len` bytes.
-    pub fn new(len: usize) -> IoBuf {
-        if len == 0 {
-            return IoBuf::empty();
-        }
-        let layout = Self::layout(len);
-        // SAFETY: layout has non-zero size.
-        let raw = unsafe { alloc::alloc_zeroed(layout) };
-        let Some(ptr) = NonNull::new(raw) else {
-            alloc::handle_alloc_error(layout)
-        };
-        IoBuf {
-            ptr,
-            len,
-            cap: len,
-            owned: true,
-        }
-    }
-
-    pub fn from_slice(data: &[u8]) -> IoBuf {
-        let mut b = IoBuf::new(data.len());
-        b.as_mut_slice().copy_from_slice(data);
-        b
-    }
-
-    /// A view of another buffer's memory.
-    ///
-    /// # Safety
-    /// `ptr..ptr+len` must stay valid, and not be accessed through another
-    /// path while this I/O is in flight, until this `IoBuf` is dropped.
-    pub unsafe fn borrowed(ptr: *mut u8, len: usize) -> IoBuf {
-        IoBuf {
-            ptr: NonNull::new(ptr).unwrap_or(NonNull::dangling()),
-            len,
-            cap: len,
-            owned: false,
-        }
-    }
-
-    fn layout(cap: usize) -> Layout {
-        // Cannot fail: IO_BUF_ALIGN is a power of two and sizes stay far
-        // below isize::MAX.
-        Layout::from_size_align(cap, IO_BUF_ALIGN).expect("I/O buffer layout")
-    }
-
-    pub fn len(&self) -> usize {
-        self.len
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
-    pub fn capacity(&self) -> usize {
-        self.cap
-    }
-
-    /// Resizes to `len`, reallocating (and zeroing) only when it exceeds the
-    /// capacity.
-    pub fn resize(&mut self, len: usize) {
-        if len > self.cap {
-            *self = IoBuf::new(len);
-        } else {
-            self.len = len;
-        }
-    }
-
-    pub fn as_ptr(&self) -> *const u8 {
-        self.ptr.as_ptr()
-    }
-
-    pub fn as_mut_ptr(&mut self) -> *mut u8 {
-        self.ptr.as_ptr()
-    }
-
-    pub fn as_slice(&self) -> &[u8] {
-        // SAFETY: ptr is valid for len bytes (owned allocation, or the
-        // borrowed contract), or dangling with len 0.
-        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
-    }
-
-    pub fn as_mut_slice(&mut self) -> &mut [u8] {
-        // SAFETY: as above, and &mut self gives exclusive access.
-        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
-    }
-}
-
-impl Default for IoBuf {
-    fn default() -> Self {
-        IoBuf::empty()
-    }
-}
-
-impl Drop for IoBuf {
-    fn drop(&mut self) {
-        if self.owned && self.cap > 0 {
-            // SAFETY: allocated in `new` with this layout.
-            unsafe { alloc::dealloc(self.ptr.as_ptr(), Self::layout(self.cap)) }
-        }
-    }
-}
-
 /// Receives an I/O when a layer it was submitted into completes it.
 pub trait IoCompletion {
     fn io_done(&self, io: IoBox);
@@ -230,6 +101,18 @@ pub(crate) struct Frame {
     pub(crate) submit_tick: u64,
     /// Scratch word of the module whose channel this frame entered.
     pub(crate) module_ctx: u64,
+    /// `frame_flags::*`.
+    pub(crate) flags: u8,
+}
+
+pub(crate) mod frame_flags {
+    /// A piece of an I/O the framework split: the parent's frame records
+    /// the statistics, not this one.
+    pub const SPLIT_CHILD: u8 = 1;
+    /// The data was bounced through an aligned buffer at this layer: put
+    /// the submitter's buffers back (and a read's data into them) when it
+    /// completes.
+    pub const BOUNCED: u8 = 2;
 }
 
 /// One I/O request. Fields describing the request are public; the frame
@@ -246,20 +129,28 @@ pub struct BdevIo {
     depth: u16,
     pub offset_blocks: u64,
     pub num_blocks: u64,
+    /// Writable data: a read's destination, or a write's (compare's) data
+    /// when `shared` is empty.
     pub buf: IoBuf,
+    /// Read-only data in memory someone else owns. Before submit: a write's
+    /// (compare's) data when set, instead of `buf` (a mirror's share of its
+    /// parent's data, the data where the transport received it). After a
+    /// zero-copy read: the data where the module holds it.
+    pub shared: SharedBuf,
     /// The submitter's own tag (slot index, job id), untouched by layers.
     pub tag: u64,
     /// Read: the submitter accepts the data where it already lies. A module
-    /// holding the blocks in memory (malloc) then sets [`BdevIo::lent`] to
-    /// a view of them instead of copying into `buf` (SPDK's zero-copy read).
-    /// Layers that transform or inspect data must clear it before passing
-    /// the I/O down.
+    /// holding the blocks in memory (malloc) then sets `shared` to a view
+    /// of them instead of copying into `buf` (SPDK's zero-copy read); the
+    /// view keeps that memory alive, and a later write to the same blocks
+    /// may show through it, as on a device. Layers that transform data
+    /// clear it before passing the I/O down.
     pub zcopy: bool,
-    /// A completed zero-copy read: a borrowed view of the module's memory
-    /// (empty otherwise). Valid while the bdev exists: the submitter keeps
-    /// a channel of the bdev while it uses the view. A concurrent write to
-    /// the same blocks may show through, as it may on a device.
-    pub lent: IoBuf,
+    /// The submitter's buffers while the framework bounces the data
+    /// through an aligned one (one bounce per I/O: the bounce buffer is
+    /// aligned for every bdev).
+    pub(crate) stash_buf: IoBuf,
+    pub(crate) stash_shared: SharedBuf,
     latency_ticks: u64,
     spare_ctx: u64,
     frames: [Option<Frame>; MAX_IO_STACK],
@@ -272,9 +163,11 @@ impl BdevIo {
             offset_blocks: 0,
             num_blocks: 0,
             buf: IoBuf::empty(),
+            shared: SharedBuf::empty(),
             tag: 0,
             zcopy: false,
-            lent: IoBuf::empty(),
+            stash_buf: IoBuf::empty(),
+            stash_shared: SharedBuf::empty(),
             status: IoStatus::Pending,
             frames: Default::default(),
             depth: 0,
@@ -285,6 +178,27 @@ impl BdevIo {
 
     pub fn status(&self) -> IoStatus {
         self.status
+    }
+
+    /// The data a write (or compare) carries, or a completed read's: the
+    /// read-only view when set, else `buf`.
+    #[inline]
+    pub fn data(&self) -> &[u8] {
+        if self.shared.is_empty() {
+            self.buf.as_slice()
+        } else {
+            self.shared.as_slice()
+        }
+    }
+
+    /// Where [`BdevIo::data`] starts.
+    #[inline]
+    pub fn data_ptr(&self) -> *const u8 {
+        if self.shared.is_empty() {
+            self.buf.as_ptr()
+        } else {
+            self.shared.as_ptr()
+        }
     }
 
     /// A scratch word for the module whose channel the I/O is currently in
@@ -335,6 +249,13 @@ impl BdevIo {
         self.depth += 1;
         self.status = IoStatus::Pending;
         true
+    }
+
+    /// The frame of the layer the I/O is currently in.
+    #[inline]
+    pub(crate) fn top_frame(&mut self) -> Option<&mut Frame> {
+        let d = (self.depth as usize).checked_sub(1)?;
+        self.frames[d].as_mut()
     }
 
     #[inline]
@@ -434,13 +355,15 @@ impl Drop for IoBox {
             "IoBox dropped while still in a channel"
         );
         while io.pop_frame().is_some() {}
-        if io.buf.capacity() > POOLED_BUF_MAX || !io.buf.owned {
-            io.buf = IoBuf::empty();
-        }
+        // Buffers go back to their own pool (or owner) now, not with the
+        // recycled I/O.
+        io.buf = IoBuf::empty();
+        io.shared = SharedBuf::empty();
+        io.stash_buf = IoBuf::empty();
+        io.stash_shared = SharedBuf::empty();
         io.status = IoStatus::Pending;
         io.tag = 0;
         io.zcopy = false;
-        io.lent = IoBuf::empty();
         let _ = IO_POOL.try_with(|p| {
             let mut p = p.borrow_mut();
             if p.len() < IO_POOL_MAX {

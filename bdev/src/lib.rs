@@ -11,13 +11,16 @@ pub mod rpc;
 pub use error::{BdevError, Result};
 pub mod bdev;
 pub mod bdev_rpc;
+pub mod buf;
 pub mod channel;
 pub mod config;
 pub mod io;
 pub mod registry;
+mod split;
 pub mod stats;
 
-pub use bdev::{Bdev, BdevHandle, BdevProps, LocalFuture};
+pub use bdev::{Bdev, BdevHandle, BdevProps, IoRequirements, LocalFuture};
+pub use buf::{BufLender, SharedBuf};
 pub use channel::{BdevChannel, IoChannel};
 pub use io::{BdevIo, IoBox, IoBuf, IoCompletion, IoStatus, IoType};
 pub use registry::{Descriptor, NameReservation};

@@ -204,6 +204,14 @@ pub async fn register(
             props.name, props.block_size, props.num_blocks
         )));
     }
+    let align = props.io.required_alignment;
+    if align > 1 && (!align.is_power_of_two() || align as usize > crate::io::IO_BUF_ALIGN) {
+        return Err(BdevError::Invalid(format!(
+            "bdev {}: required_alignment {align} is not a power of two up to {}",
+            props.name,
+            crate::io::IO_BUF_ALIGN
+        )));
+    }
     let uuid = props.uuid.hyphenated().to_string();
     if uuid != props.name && !props.aliases.contains(&uuid) {
         props.aliases.push(uuid);
@@ -349,8 +357,9 @@ pub async fn lookup_for_delete(name: &str, module: Option<&str>) -> Result<BdevH
 }
 
 /// Unregisters the bdev named `name` (owned by `module` if given): hides
-/// it, tells every descriptor holder, waits for them to close, destructs
-/// it, and frees its names.
+/// it, tells every descriptor holder, waits for them to close and for the
+/// I/O still in flight on every core to finish, destructs it, and frees
+/// its names.
 pub async fn unregister(name: &str, module: Option<&str>) -> Result<()> {
     let bdev = lookup_for_delete(name, module).await?;
     unregister_handle(&bdev).await
@@ -393,6 +402,13 @@ pub async fn unregister_handle(bdev: &BdevHandle) -> Result<()> {
                 let _ = rx.await;
             }
         }
+    }
+    // New I/O is refused from here on (`removed`); wait out what every
+    // core still has in flight, so destruct never pulls memory or files
+    // from under it.
+    let id = bdev.id();
+    for core in reactor::cores() {
+        let _ = reactor::call_async(core, move || crate::channel::drain_core(id)).await;
     }
     bdev.ops().destruct().await;
     with(|r| {

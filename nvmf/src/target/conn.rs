@@ -20,11 +20,12 @@ use std::cell::{Cell, RefCell};
 use std::io::{IoSlice, IoSliceMut};
 use std::rc::Rc;
 
-use bdev::{IoBox, IoBuf, IoChannel, IoCompletion, IoType};
+use bdev::{IoBox, IoBuf, IoChannel, IoCompletion, IoType, SharedBuf};
 
 use super::admin::{self, AdminOutcome, Controller, SubsystemView};
 use super::io::{self, opc, Transfer};
 use super::poll_group;
+use super::recv_buf::RecvBuf;
 use super::request::{RequestTable, SlotState};
 use super::send_queue::{SendQueue, MAX_IOV};
 use super::socket::{PolledSocket, Received};
@@ -32,8 +33,8 @@ use crate::wire::fabrics::{fctype, ConnectCmd, ConnectData, CONNECT_DATA_BYTES};
 use crate::wire::nvme::{sc, Cqe, Sqe, Status, OPC_FABRICS};
 use crate::wire::pdu::{
     self, check, encode_capsule_resp, encode_term_req, header_digest_ok, CommonHeader, DataHeader,
-    Digests, IcReq, IcResp, PduError, PduLayout, PduType, CH_BYTES, DIGEST_BYTES, IC_BYTES,
-    SHORT_HLEN, TERM_REQ_MAX_DATA,
+    Digests, IcReq, IcResp, PduError, PduLayout, PduType, CAPSULE_CMD_HLEN, CH_BYTES, DIGEST_BYTES,
+    IC_BYTES, SHORT_HLEN, TERM_REQ_MAX_DATA,
 };
 
 /// Receive buffer: many PDUs per `readv`. Grows (once, at Connect) to hold
@@ -141,128 +142,6 @@ struct H2cData {
     digest: Option<([u8; DIGEST_BYTES], usize)>,
 }
 
-/// Receive buffers a connection may have: the current one plus those still
-/// pinned by writes whose data is read from where it was received.
-const MAX_RX_BUFS: usize = 4;
-
-/// Received bytes not yet handled: `buf[start..end]`.
-///
-/// In-capsule write data is handed to the bdev in place (no copy): the
-/// write pins the buffer it lies in, and a pinned buffer is never written
-/// or moved again until unpinned. When the current buffer is pinned and
-/// full, pending bytes move to another buffer instead of to its front.
-struct RxBuf {
-    buf: Vec<u8>,
-    /// The current buffer's id (index in `pins`).
-    id: usize,
-    /// Writes in flight per buffer id.
-    pins: Vec<u32>,
-    /// The other buffers, by id.
-    parked: Vec<(usize, Vec<u8>)>,
-    start: usize,
-    end: usize,
-}
-
-impl RxBuf {
-    fn new(cap: usize) -> RxBuf {
-        RxBuf {
-            buf: vec![0; cap],
-            id: 0,
-            pins: vec![0],
-            parked: Vec::new(),
-            start: 0,
-            end: 0,
-        }
-    }
-
-    fn pending(&self) -> &[u8] {
-        &self.buf[self.start..self.end]
-    }
-
-    fn consume(&mut self, n: usize) {
-        self.start += n;
-        if self.start == self.end && self.pins[self.id] == 0 {
-            self.start = 0;
-            self.end = 0;
-        }
-    }
-
-    /// Whether the current buffer is free to be reused from its start.
-    fn unpinned(&self) -> bool {
-        self.pins[self.id] == 0
-    }
-
-    /// Whether another write may pin: one buffer always stays free to
-    /// receive into.
-    fn can_pin(&self) -> bool {
-        let pinned = self.pins.iter().filter(|&&p| p > 0).count();
-        let after = pinned + usize::from(self.pins[self.id] == 0);
-        after < MAX_RX_BUFS
-    }
-
-    fn pin(&mut self) -> usize {
-        self.pins[self.id] += 1;
-        self.id
-    }
-
-    fn unpin(&mut self, id: usize) {
-        if let Some(p) = self.pins.get_mut(id) {
-            *p = p.saturating_sub(1);
-        }
-        if id == self.id && self.pins[id] == 0 && self.start == self.end {
-            self.start = 0;
-            self.end = 0;
-        }
-    }
-
-    /// Free space at the end, making room for at least `want` more by
-    /// moving the pending bytes: to the front of this buffer, or, if it is
-    /// pinned, to the front of a free one.
-    fn space(&mut self, want: usize) -> &mut [u8] {
-        if self.buf.len() - self.end < want {
-            if self.unpinned() {
-                if self.start > 0 {
-                    self.buf.copy_within(self.start..self.end, 0);
-                    self.end -= self.start;
-                    self.start = 0;
-                }
-            } else if let Some(next) = self.free_buffer() {
-                let (id, mut buf) = next;
-                let n = self.end - self.start;
-                buf[..n].copy_from_slice(&self.buf[self.start..self.end]);
-                let old = std::mem::replace(&mut self.buf, buf);
-                self.parked.push((self.id, old));
-                self.id = id;
-                self.start = 0;
-                self.end = n;
-            }
-        }
-        &mut self.buf[self.end..]
-    }
-
-    /// An unpinned parked buffer, or a new one while under the limit.
-    fn free_buffer(&mut self) -> Option<(usize, Vec<u8>)> {
-        if let Some(i) = self.parked.iter().position(|(id, _)| self.pins[*id] == 0) {
-            return Some(self.parked.swap_remove(i));
-        }
-        if self.pins.len() < MAX_RX_BUFS {
-            self.pins.push(0);
-            return Some((self.pins.len() - 1, vec![0; self.buf.len()]));
-        }
-        None
-    }
-
-    /// Grows every buffer to `cap` (at Connect, before any pin).
-    fn grow(&mut self, cap: usize) {
-        if cap > self.buf.len() {
-            self.buf.resize(cap, 0);
-            for (_, b) in &mut self.parked {
-                b.resize(cap, 0);
-            }
-        }
-    }
-}
-
 /// Why a connection ended.
 enum Ending {
     /// Peer closed or a socket error.
@@ -274,7 +153,7 @@ enum Ending {
 struct ConnState {
     token: u64,
     sock: PolledSocket,
-    rx: RxBuf,
+    rx: RecvBuf,
     rx_state: RxState,
     digests: Digests,
     maxh2cdata: u32,
@@ -343,7 +222,7 @@ impl Connection {
             state: RefCell::new(ConnState {
                 token,
                 sock,
-                rx: RxBuf::new(RX_BUF_BYTES),
+                rx: RecvBuf::new(RX_BUF_BYTES),
                 rx_state: RxState::Init,
                 digests: Digests::default(),
                 maxh2cdata,
@@ -509,13 +388,10 @@ impl ConnState {
         // into its request's buffer; what follows it lands in `rx`.
         if let RxState::Data(d) = self.rx_state {
             let left = d.len - d.got;
-            if self.rx.start == self.rx.end && self.rx.unpinned() && left >= DIRECT_RECV_MIN {
-                if let Queue::Io(q) = &mut self.queue {
+            if self.rx.pending().is_empty() && self.rx.unpinned() && left >= DIRECT_RECV_MIN {
+                if let (Queue::Io(q), Some(tail)) = (&mut self.queue, self.rx.empty_space()) {
                     if let Some(r) = q.reqs.get_mut(d.slot) {
                         let dst = &mut r.buf.as_mut_slice()[d.start + d.got..d.start + d.len];
-                        self.rx.start = 0;
-                        self.rx.end = 0;
-                        let tail = &mut self.rx.buf[..];
                         let asked = dst.len() + tail.len();
                         let mut iov = [IoSliceMut::new(dst), IoSliceMut::new(tail)];
                         return match self.sock.recv_vectored(&mut iov) {
@@ -524,7 +400,7 @@ impl ConnState {
                                 if let RxState::Data(d) = &mut self.rx_state {
                                     d.got += direct;
                                 }
-                                self.rx.end = n - direct;
+                                self.rx.filled(n - direct);
                                 Ok((n, asked))
                             }
                             Ok(Received::Nothing) => Ok((0, asked)),
@@ -551,7 +427,7 @@ impl ConnState {
         }
         match self.sock.recv_vectored(&mut [IoSliceMut::new(space)]) {
             Ok(Received::Bytes(n)) => {
-                self.rx.end += n;
+                self.rx.filled(n);
                 Ok((n, asked))
             }
             Ok(Received::Nothing) => Ok((0, asked)),
@@ -622,6 +498,11 @@ impl ConnState {
         let req = IcReq::parse(&ic).map_err(|e| fatal(e, &ic))?;
         self.rx.consume(IC_BYTES);
         self.digests = req.digests;
+        // We ask for no padding (CPDA 0): capsule data follows the header
+        // and its digest.
+        self.rx.align_capsule_data(
+            CAPSULE_CMD_HLEN + if req.digests.header { DIGEST_BYTES } else { 0 },
+        );
         log::debug!(
             "NVMe/TCP {} -> {}: ICReq (hpda {}, maxr2t {}), digests header {} data {}",
             self.sock.peer,
@@ -744,7 +625,7 @@ impl ConnState {
 
     /// A complete CapsuleCmd at the front of the receive buffer.
     fn capsule(&mut self, conn: &Rc<Connection>, layout: &PduLayout) {
-        let pdu = &self.rx.buf[self.rx.start..self.rx.start + layout.plen];
+        let pdu = &self.rx.pending()[..layout.plen];
         let Some(sqe) = Sqe::from_bytes(&pdu[CH_BYTES..]) else {
             return;
         };
@@ -760,11 +641,11 @@ impl ConnState {
             );
             return;
         }
-        let (ds, dl) = (self.rx.start + layout.data_offset, layout.data_len);
+        let (ds, dl) = (layout.data_offset, layout.data_len);
         let fabrics = sqe.opcode() == OPC_FABRICS;
         match &mut self.queue {
             Queue::Unconnected if fabrics && sqe.fctype() == fctype::CONNECT => {
-                let data = self.rx.buf[ds..ds + dl].to_vec();
+                let data = self.rx.pending()[ds..ds + dl].to_vec();
                 self.connect(conn, sqe, data);
             }
             // Nothing but Connect before a controller exists.
@@ -801,17 +682,16 @@ impl ConnState {
                     return;
                 };
                 if let Some(r) = q.reqs.get_mut(i) {
-                    if dl > 0 && sqe.opcode() == opc::WRITE && self.rx.can_pin() {
-                        // The write reads its data where it was received.
-                        // SAFETY: the range lies in the current receive
-                        // buffer, which stays in place and unwritten while
-                        // pinned (until this slot unpins it).
-                        r.borrowed =
-                            unsafe { IoBuf::borrowed(self.rx.buf.as_mut_ptr().add(ds), dl) };
-                        r.rx_pin = Some(self.rx.pin());
+                    let view = (dl > 0 && sqe.opcode() == opc::WRITE && self.rx.can_pin())
+                        .then(|| self.rx.share(ds, dl))
+                        .flatten();
+                    if let Some(view) = view {
+                        // The write reads its data where it was received
+                        // (the view pins that receive block).
+                        r.in_place = view;
                     } else if dl > 0 {
                         r.buf.resize(dl);
-                        r.buf.as_mut_slice()[..dl].copy_from_slice(&self.rx.buf[ds..ds + dl]);
+                        r.buf.as_mut_slice()[..dl].copy_from_slice(&self.rx.pending()[ds..ds + dl]);
                     }
                     r.received = dl;
                 }
@@ -1094,10 +974,10 @@ impl ConnState {
                 if r.received < len {
                     return self.complete(i, Status::generic(sc::DATA_SGL_LENGTH_INVALID).dnr());
                 }
-                if r.rx_pin.is_some() {
-                    r.borrowed.resize(len);
-                } else {
+                if r.in_place.is_empty() {
                     r.buf.resize(len);
+                } else if let Some(v) = r.in_place.slice(0, len) {
+                    r.in_place = v;
                 }
                 self.execute(conn, i);
             }
@@ -1189,7 +1069,7 @@ impl ConnState {
         let Some(r) = q.reqs.get_mut(d.slot) else {
             return Err(Ending::Gone);
         };
-        let pending = &self.rx.buf[self.rx.start..self.rx.end];
+        let pending = self.rx.pending();
         let n = pending.len().min(d.len - d.got);
         if n > 0 {
             let at = d.start + d.got;
@@ -1286,14 +1166,15 @@ impl ConnState {
             }
             _ => {
                 r.outstanding = 1;
-                let buf = if r.rx_pin.is_some() {
-                    std::mem::take(&mut r.borrowed)
+                let mut io = IoBox::with(io_type, plan.slba, plan.nlb, IoBuf::empty());
+                if !r.in_place.is_empty() {
+                    io.shared = std::mem::take(&mut r.in_place);
                 } else if io_type.has_data() {
-                    std::mem::take(&mut r.buf)
-                } else {
-                    IoBuf::empty()
-                };
-                submit(io_type, plan.slba, plan.nlb, buf);
+                    io.buf = std::mem::take(&mut r.buf);
+                }
+                io.tag = i as u64;
+                io.zcopy = opcode == opc::READ;
+                ch.submit(io, cb.clone());
             }
         }
     }
@@ -1312,17 +1193,13 @@ impl ConnState {
             let buf = io.take_buf();
             if r.sqe.opcode() == opc::COMPARE {
                 r.aux = buf;
-            } else if r.rx_pin.is_none() {
+            } else if !buf.is_empty() {
                 r.buf = buf;
             }
-            if !io.lent.is_empty() {
-                r.lent = std::mem::take(&mut io.lent);
-                let nsid = r.sqe.nsid();
-                r.lent_keep = q
-                    .channels
-                    .iter()
-                    .find(|(n, _)| *n == nsid)
-                    .map(|(_, c)| c.clone());
+            if io.io_type == IoType::Read {
+                // A zero-copy read's data: a view that keeps the bdev's
+                // memory alive until it has been sent.
+                r.lent = std::mem::take(&mut io.shared);
             }
         }
         if !io.status().is_success() && r.status.is_success() {
@@ -1355,10 +1232,8 @@ impl ConnState {
             return;
         };
         let Some(r) = q.reqs.get_mut(i) else { return };
-        if let Some(id) = r.rx_pin.take() {
-            r.borrowed = IoBuf::empty();
-            self.rx.unpin(id);
-        }
+        // Unpins the receive block of an in-capsule write.
+        r.in_place = SharedBuf::empty();
         push_capsule_resp(&mut self.send, &cqe(r.sqe.cid(), status), self.digests);
         q.reqs.release(i);
         COMPLETED_NVME_IO.with(|c| c.set(c.get() + 1));
@@ -1468,79 +1343,4 @@ fn push_capsule_resp(send: &mut SendQueue, c: &Cqe, digests: Digests) {
 
 fn fatal(e: PduError, header: &[u8]) -> Ending {
     Ending::Fatal(e, header[..header.len().min(TERM_REQ_MAX_DATA)].to_vec())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::RxBuf;
-
-    /// Receives `data` into the buffer as a socket would.
-    fn recv(rx: &mut RxBuf, data: &[u8]) -> usize {
-        let space = rx.space(32);
-        let n = data.len().min(space.len());
-        space[..n].copy_from_slice(&data[..n]);
-        rx.end += n;
-        n
-    }
-
-    #[test]
-    fn pinned_bytes_are_never_moved_or_overwritten() {
-        let mut rx = RxBuf::new(128);
-        let first: Vec<u8> = (0..100u8).collect();
-        assert_eq!(recv(&mut rx, &first), 100);
-        // A write borrows bytes 10..60 in place, and they are consumed.
-        let ptr = rx.buf[10..].as_ptr();
-        let id = rx.pin();
-        rx.consume(60);
-        let pinned = |p: *const u8| unsafe { std::slice::from_raw_parts(p, 50).to_vec() };
-        assert_eq!(pinned(ptr), first[10..60]);
-        // Lots more input: the pending tail moves to another buffer rather
-        // than to the front of the pinned one.
-        for round in 0..20u8 {
-            let more = vec![0xA0 ^ round; 90];
-            let n = recv(&mut rx, &more);
-            assert!(n > 0, "round {round}: no room");
-            let pending = rx.pending().len();
-            rx.consume(pending.saturating_sub(40));
-            assert_eq!(pinned(ptr), first[10..60], "round {round}");
-        }
-        assert_ne!(rx.id, id, "moved to another buffer");
-        // Unpinned, the old buffer is reused.
-        rx.unpin(id);
-        assert!(rx.pins.iter().all(|&p| p == 0));
-        assert!(rx.can_pin());
-
-        // All input consumed while pinned: the next receive goes after it,
-        // not back to the start.
-        let mut rx = RxBuf::new(128);
-        recv(&mut rx, &[1; 50]);
-        let ptr = rx.buf.as_ptr();
-        let id = rx.pin();
-        rx.consume(50);
-        recv(&mut rx, &[2; 50]);
-        assert_eq!(pinned(ptr), [1; 50]);
-        rx.consume(50);
-        rx.unpin(id);
-        assert_eq!((rx.start, rx.end), (0, 0), "free again once unpinned");
-    }
-
-    #[test]
-    fn pins_are_bounded_so_one_buffer_always_receives() {
-        let mut rx = RxBuf::new(64);
-        let mut ids = Vec::new();
-        for _ in 0..super::MAX_RX_BUFS {
-            if !rx.can_pin() {
-                break;
-            }
-            recv(&mut rx, &[7; 64]);
-            ids.push(rx.pin());
-            rx.consume(64);
-            // Fill forces a move to a fresh buffer for the next round.
-            let _ = rx.space(64);
-        }
-        assert_eq!(ids.len(), super::MAX_RX_BUFS - 1);
-        assert!(!rx.can_pin());
-        assert!(rx.unpinned(), "the current buffer is free");
-        assert!(!rx.space(16).is_empty());
-    }
 }

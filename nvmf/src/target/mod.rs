@@ -4,14 +4,15 @@
 //! queue (`admin.rs`), and the data plane: accepting (`listener.rs`), each
 //! core's poll group of connections (`poll_group.rs`) over non-blocking
 //! sockets (`socket.rs`), one connection's PDUs and commands (`conn.rs`)
-//! with request slots (`request.rs`), a send queue (`send_queue.rs`) and
-//! NVM command planning (`io.rs`).
+//! with receive buffers (`recv_buf.rs`), request slots (`request.rs`), a
+//! send queue (`send_queue.rs`) and NVM command planning (`io.rs`).
 
 pub mod admin;
 pub mod conn;
 pub mod io;
 pub mod listener;
 pub mod poll_group;
+mod recv_buf;
 pub mod request;
 pub mod rpc;
 pub mod send_queue;

@@ -15,7 +15,7 @@
 //! The slot index is the R2T's transfer tag, so an H2CData finds its slot
 //! without a search.
 
-use bdev::IoBuf;
+use bdev::{IoBuf, SharedBuf};
 
 use super::io::IoPlan;
 use crate::wire::nvme::{Sqe, Status};
@@ -37,14 +37,12 @@ pub struct Request {
     pub buf: IoBuf,
     /// Compare: the blocks read to compare with.
     pub aux: IoBuf,
-    /// A zero-copy read's data: a view of the bdev's memory, and the
-    /// channel that keeps the bdev (so the memory) alive until it is sent.
-    pub lent: IoBuf,
-    pub lent_keep: Option<bdev::IoChannel>,
-    /// An in-capsule write's data, borrowed from the receive buffer `rx_pin`
-    /// names (pinned until the write completes).
-    pub borrowed: IoBuf,
-    pub rx_pin: Option<usize>,
+    /// A zero-copy read's data: a read-only view of the bdev's memory,
+    /// which it keeps alive until sent.
+    pub lent: SharedBuf,
+    /// An in-capsule write's data where it was received: a read-only view
+    /// that pins its receive block until dropped.
+    pub in_place: SharedBuf,
     /// Host data bytes received so far (in-capsule or H2CData).
     pub received: usize,
     /// Bdev I/Os in flight for this command (DSM: one per range).
@@ -62,10 +60,8 @@ impl Request {
             plan: None,
             buf: IoBuf::empty(),
             aux: IoBuf::empty(),
-            lent: IoBuf::empty(),
-            lent_keep: None,
-            borrowed: IoBuf::empty(),
-            rx_pin: None,
+            lent: SharedBuf::empty(),
+            in_place: SharedBuf::empty(),
             received: 0,
             outstanding: 0,
             status: Status::SUCCESS,
@@ -113,13 +109,8 @@ impl RequestTable {
         debug_assert!(r.state != SlotState::Free);
         r.state = SlotState::Free;
         r.plan = None;
-        r.lent = IoBuf::empty();
-        r.lent_keep = None;
-        debug_assert!(
-            r.rx_pin.is_none(),
-            "released with its receive buffer pinned"
-        );
-        r.borrowed = IoBuf::empty();
+        r.lent = SharedBuf::empty();
+        r.in_place = SharedBuf::empty();
         if r.buf.capacity() > KEPT_BUF_BYTES {
             r.buf = IoBuf::empty();
         }

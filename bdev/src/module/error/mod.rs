@@ -23,7 +23,7 @@ use uuid::Uuid;
 
 use crate::bdev::{Bdev, BdevHandle, LocalFuture};
 use crate::channel::{BdevChannel, IoChannel};
-use crate::io::{IoBox, IoCompletion, IoStatus, IoType};
+use crate::io::{IoBox, IoBuf, IoCompletion, IoStatus, IoType, SharedBuf};
 use crate::registry::Descriptor;
 
 pub const MODULE: &str = "error";
@@ -286,7 +286,10 @@ impl BdevChannel for ErrorChannel {
                 }
                 ErrorKind::Pending => return self.hold(io),
                 ErrorKind::CorruptData => match io.io_type {
-                    IoType::Write => corrupt(&mut io, offset, value),
+                    IoType::Write => {
+                        let len = io.len_bytes(self.base.bdev().block_size()) as usize;
+                        corrupt_write(&mut io, len, offset, value)
+                    }
                     IoType::Read => *io.module_ctx() = CTX_CORRUPT_READ | offset,
                     _ => {}
                 },
@@ -297,11 +300,24 @@ impl BdevChannel for ErrorChannel {
     }
 }
 
+/// Flips `value` into byte `offset` of a read's data (its own buffer).
 fn corrupt(io: &mut IoBox, offset: u64, value: u8) {
     let buf = io.buf.as_mut_slice();
     if let Some(b) = usize::try_from(offset).ok().and_then(|o| buf.get_mut(o)) {
         *b ^= value;
     }
+}
+
+/// A write's data may be shared (a mirror's other copy, the host's data
+/// where it was received): the corrupted data (`len` bytes) is written
+/// from a copy, which replaces the I/O's buffers; the submitter's data is
+/// left as it was.
+fn corrupt_write(io: &mut IoBox, len: usize, offset: u64, value: u8) {
+    let mut copy = IoBuf::new(len);
+    copy.as_mut_slice().copy_from_slice(&io.data()[..len]);
+    io.shared = SharedBuf::empty();
+    io.buf = copy;
+    corrupt(io, offset, value);
 }
 
 impl IoCompletion for ErrorChannel {

@@ -4,21 +4,25 @@
 //! the pages written. Reads and writes are plain copies on the submitting
 //! core; I/O from different cores to the same blocks races like it would on
 //! a disk, with unspecified contents but no undefined behaviour (only raw
-//! copies touch the mapping, never references).
+//! copies touch the mapping, never references). A zero-copy read lends a
+//! read-only view of the mapping that holds the channel, and through it the
+//! mapping, alive. `optimal_io_boundary` splits I/O at that boundary, as
+//! SPDK's malloc does.
 
 pub mod rpc;
 #[cfg(test)]
 mod tests;
 
 use std::rc::Rc;
+use std::sync::Arc;
 
 use serde_json::{json, Value};
 use uuid::Uuid;
 
-use crate::bdev::{Bdev, BdevProps};
+use crate::bdev::{Bdev, BdevProps, IoRequirements};
 use crate::channel::BdevChannel;
 use crate::error::{BdevError, Result};
-use crate::io::{IoBox, IoBuf, IoStatus, IoType};
+use crate::io::{IoBox, IoStatus, IoType, SharedBuf};
 
 pub const MODULE: &str = "malloc";
 
@@ -78,7 +82,8 @@ pub struct MallocOptions {
 
 pub struct MallocBdev {
     opts: MallocOptions,
-    mem: MallocMemory,
+    /// Shared with every channel, so a lent view outlives neither.
+    mem: Arc<MallocMemory>,
 }
 
 impl MallocBdev {
@@ -90,7 +95,7 @@ impl MallocBdev {
             .and_then(|l| usize::try_from(l).ok())
             .ok_or_else(|| BdevError::Invalid("bdev size overflows".into()))?;
         Ok(MallocBdev {
-            mem: MallocMemory::new(len)?,
+            mem: Arc::new(MallocMemory::new(len)?),
             opts,
         })
     }
@@ -102,6 +107,10 @@ impl MallocBdev {
             self.opts.block_size,
             self.opts.num_blocks,
         )
+        .with_io(IoRequirements {
+            split_boundary_blocks: self.opts.optimal_io_boundary as u64,
+            ..IoRequirements::default()
+        })
     }
 }
 
@@ -132,6 +141,7 @@ impl Bdev for MallocBdev {
             base: self.mem.ptr,
             len: self.mem.len,
             block_size: self.opts.block_size as usize,
+            _mem: self.mem.clone(),
         })
     }
 
@@ -156,12 +166,12 @@ impl Bdev for MallocBdev {
     }
 }
 
-/// Per-core view of the memory. Holds a raw pointer: the channel framework
-/// keeps the bdev (and so the mapping) alive while any channel exists.
+/// Per-core view of the memory: raw pointers into the mapping it holds.
 struct MallocChannel {
     base: *mut u8,
     len: usize,
     block_size: usize,
+    _mem: Arc<MallocMemory>,
 }
 
 impl BdevChannel for MallocChannel {
@@ -173,9 +183,11 @@ impl BdevChannel for MallocChannel {
         debug_assert!(off + n <= self.len);
         let status = match io.io_type {
             IoType::Read if io.zcopy => {
-                // SAFETY: off+n <= len; the mapping lives as long as the
-                // bdev, which the submitter keeps (BdevIo::lent's contract).
-                io.lent = unsafe { IoBuf::borrowed(self.base.add(off), n) };
+                let owner: Rc<dyn std::any::Any> = self.clone();
+                // SAFETY: off+n <= len; the view holds this channel, which
+                // holds the mapping; the mapping is only ever written by raw
+                // copies (module docs), never while a slice of it is held.
+                io.shared = unsafe { SharedBuf::from_raw(self.base.add(off), n, owner) };
                 IoStatus::Success
             }
             IoType::Read => {
@@ -186,8 +198,8 @@ impl BdevChannel for MallocChannel {
                 IoStatus::Success
             }
             IoType::Write => {
-                // SAFETY: as above.
-                unsafe { std::ptr::copy_nonoverlapping(io.buf.as_ptr(), self.base.add(off), n) };
+                // SAFETY: as above; the data (buf or shared view) holds >= n.
+                unsafe { std::ptr::copy_nonoverlapping(io.data_ptr(), self.base.add(off), n) };
                 IoStatus::Success
             }
             IoType::Unmap | IoType::WriteZeroes => {
@@ -200,7 +212,7 @@ impl BdevChannel for MallocChannel {
                 for i in 0..n {
                     // SAFETY: i < n, bounds as above.
                     let a = unsafe { std::ptr::read_volatile(self.base.add(off + i)) };
-                    if a != io.buf.as_slice()[i] {
+                    if a != io.data()[i] {
                         same = false;
                         break;
                     }

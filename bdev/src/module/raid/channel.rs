@@ -10,9 +10,12 @@
 //!   operational member with the fewest I/Os outstanding on this core and
 //!   are retried on the others if they fail.
 //!
-//! Children borrow the parent's buffer (no copy); the parent waits in a
-//! per-channel slab (no allocation per I/O once it has grown). A child's
-//! tag is `parent << 8 | slot`.
+//! Children carry pieces of the parent's data, never a copy: read-only
+//! shares of a write's (every mirror gets the same bytes), writable windows
+//! of a read's, through the parent slot's [`BufLender`]; the parent waits
+//! in a per-channel slab (no allocation per I/O once it has grown) and gets
+//! its buffer back when the children are done. A child's tag is
+//! `parent << 8 | slot`.
 
 use std::cell::{Cell, RefCell};
 use std::rc::{Rc, Weak};
@@ -20,11 +23,16 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use super::{Level, MemberState, RaidShared, WriteCounters};
+use crate::buf::{BufLender, SharedBuf};
 use crate::channel::{BdevChannel, IoChannel};
 use crate::io::{IoBox, IoBuf, IoCompletion, IoStatus, IoType};
 
 struct Parent {
     io: Option<IoBox>,
+    /// Lends the parent's buffer to its children.
+    lender: BufLender,
+    /// A write's read-only data, sliced for the children.
+    shared: SharedBuf,
     /// Children still in flight.
     remaining: u32,
     failed: bool,
@@ -153,39 +161,71 @@ impl RaidChannel {
         self.members.borrow().get(slot).cloned().flatten()
     }
 
-    fn park(&self, io: IoBox) -> u32 {
-        let p = Parent {
-            io: Some(io),
-            remaining: 0,
-            failed: false,
-            ok_operational: 0,
-            tried: 0,
-            admitted: None,
+    fn park(&self, mut io: IoBox) -> u32 {
+        let shared = if io.io_type == IoType::Read {
+            SharedBuf::empty()
+        } else {
+            std::mem::take(&mut io.shared)
         };
+        let buf = io.take_buf();
         let mut parents = self.parents.borrow_mut();
-        match self.free.borrow_mut().pop() {
-            Some(i) => {
-                parents[i as usize] = p;
-                i
-            }
+        let i = match self.free.borrow_mut().pop() {
+            Some(i) => i,
             None => {
-                parents.push(p);
+                parents.push(Parent {
+                    io: None,
+                    lender: BufLender::new(),
+                    shared: SharedBuf::empty(),
+                    remaining: 0,
+                    failed: false,
+                    ok_operational: 0,
+                    tried: 0,
+                    admitted: None,
+                });
                 (parents.len() - 1) as u32
             }
-        }
+        };
+        let p = &mut parents[i as usize];
+        // The slot's previous children are all gone (it was freed), so its
+        // lender takes the new buffer.
+        let lent = p.lender.lend(buf).is_ok();
+        debug_assert!(lent, "raid parent slot reused with pieces out");
+        p.io = Some(io);
+        p.shared = shared;
+        p.remaining = 0;
+        p.failed = false;
+        p.ok_operational = 0;
+        p.tried = 0;
+        p.admitted = None;
+        i
     }
 
-    /// Takes a finished parent out of the slab.
+    /// Takes a finished parent out of the slab, its data back in place.
     fn unpark(&self, p: u32) -> Option<IoBox> {
+        let mut reusable = true;
         let (io, admitted) = {
             let mut parents = self.parents.borrow_mut();
             let parent = parents.get_mut(p as usize)?;
-            (parent.io.take(), parent.admitted.take())
+            let mut io = parent.io.take();
+            if let Some(io) = io.as_mut() {
+                io.shared = std::mem::take(&mut parent.shared);
+                match parent.lender.reclaim() {
+                    Some(buf) => io.buf = buf,
+                    None => {
+                        // A member kept a piece: the slot stays out of use.
+                        log::error!("raid {}: a child kept its buffer", self.shared.name);
+                        reusable = false;
+                    }
+                }
+            }
+            (io, parent.admitted.take())
         };
         if let Some(slot) = admitted {
             self.writes.0[slot].fetch_sub(1, Ordering::SeqCst);
         }
-        self.free.borrow_mut().push(p);
+        if reusable {
+            self.free.borrow_mut().push(p);
+        }
         io
     }
 
@@ -209,27 +249,26 @@ impl RaidChannel {
         nblocks: u64,
         buf_off: u64,
     ) -> Option<IoBox> {
-        let buf = if io_type.has_data() {
-            let parents = self.parents.borrow();
-            let parent = parents.get(p as usize)?.io.as_ref()?;
-            let bs = self.shared.block_size as u64;
-            let (at, len) = ((buf_off * bs) as usize, (nblocks * bs) as usize);
-            if at + len > parent.buf.len() {
-                return None;
-            }
-            // SAFETY: the parent (and its buffer, whose heap allocation does
-            // not move with it) stays parked in the slab until every child
-            // has completed; children cover disjoint ranges of it.
-            unsafe { IoBuf::borrowed(parent.buf.as_ptr().add(at) as *mut u8, len) }
-        } else {
-            IoBuf::empty()
-        };
         let offset = if nblocks == 0 {
             0
         } else {
             self.shared.data_offset + member_off
         };
-        let mut io = IoBox::with(io_type, offset, nblocks, buf);
+        let mut io = IoBox::with(io_type, offset, nblocks, IoBuf::empty());
+        if io_type.has_data() {
+            let parents = self.parents.borrow();
+            let parent = parents.get(p as usize)?;
+            let bs = self.shared.block_size as u64;
+            let (at, len) = ((buf_off * bs) as usize, (nblocks * bs) as usize);
+            // Reads write into disjoint windows; writes share the data.
+            if io_type == IoType::Read {
+                io.buf = parent.lender.window(at, len)?;
+            } else if !parent.shared.is_empty() {
+                io.shared = parent.shared.slice(at, len)?;
+            } else {
+                io.shared = parent.lender.share(at, len)?;
+            }
+        }
         io.tag = (p as u64) << 8 | slot as u64;
         Some(io)
     }

@@ -5,7 +5,9 @@
 //! filesystem refuses it, as SPDK's aio module does). Each core gets its own
 //! descriptor (a `dup` made when its channel is created) and submits through
 //! its core's shared ring (`ring.rs`): reads and writes go straight from
-//! and into the I/O's buffer, flush is `fdatasync`, unmap punches a hole,
+//! and into the I/O's buffer (aligned as direct I/O needs: the bdev's
+//! `required_alignment`, which the bdev layer enforces by bounce
+//! buffering), flush is `fdatasync`, unmap punches a hole,
 //! write_zeroes zeroes a range. Errors from the kernel (EIO, a vanished
 //! device) complete the I/O as failed; nothing here panics on them.
 
@@ -22,7 +24,7 @@ use std::rc::Rc;
 use serde_json::{json, Value};
 use uuid::Uuid;
 
-use crate::bdev::{Bdev, BdevProps};
+use crate::bdev::{Bdev, BdevProps, IoRequirements};
 use crate::channel::BdevChannel;
 use crate::error::{BdevError, Result};
 use crate::io::{IoBox, IoStatus, IoType};
@@ -42,6 +44,8 @@ pub struct FileGeometry {
     pub size_bytes: u64,
     /// The smallest block size direct I/O accepts.
     pub logical_block_size: u32,
+    /// Alignment direct I/O needs of memory buffers (1: buffered I/O).
+    pub mem_align: u32,
     pub is_block_device: bool,
     pub direct: bool,
 }
@@ -128,15 +132,18 @@ pub fn geometry(path: &Path, fd: &OwnedFd, direct: bool) -> Result<FileGeometry>
                     std::io::Error::last_os_error(),
                 ));
             }
+            let lbs = (lbs as u32).max(512);
             Ok(FileGeometry {
                 size_bytes: size,
-                logical_block_size: (lbs as u32).max(512),
+                logical_block_size: lbs,
+                mem_align: if direct { lbs } else { 1 },
                 is_block_device: true,
                 direct,
             })
         }
         libc::S_IFREG => {
             let mut align = 512;
+            let mut mem_align = if direct { 512 } else { 1 };
             if direct {
                 // SAFETY: statx on a valid fd with AT_EMPTY_PATH and an
                 // empty path; the struct is zeroed and only read on success.
@@ -153,11 +160,15 @@ pub fn geometry(path: &Path, fd: &OwnedFd, direct: bool) -> Result<FileGeometry>
                 };
                 if rc == 0 && stx.stx_mask & STATX_DIOALIGN != 0 && stx.stx_dio_offset_align > 0 {
                     align = stx.stx_dio_offset_align;
+                    // Filesystems report what they need, often less than
+                    // a block; never trust less than 512 bytes.
+                    mem_align = stx.stx_dio_mem_align.clamp(512, 4096);
                 }
             }
             Ok(FileGeometry {
                 size_bytes: st.st_size as u64,
                 logical_block_size: align,
+                mem_align,
                 is_block_device: false,
                 direct,
             })
@@ -239,6 +250,10 @@ impl UringBdev {
             self.block_size,
             self.num_blocks,
         )
+        .with_io(IoRequirements {
+            required_alignment: self.geometry.mem_align,
+            ..IoRequirements::default()
+        })
     }
 }
 

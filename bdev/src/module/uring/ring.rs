@@ -8,8 +8,9 @@
 //! keeps polling until the last one is reaped, then may park again.
 //!
 //! Invariants: an in-flight I/O's `IoBox` (and so its buffer, which the
-//! kernel reads or writes) is owned by the slot table until its completion
-//! is reaped; the slot index is the entry's `user_data`.
+//! kernel reads or writes, or the read-only view a write's data lies in) is
+//! owned by the slot table until its completion is reaped; the slot index
+//! is the entry's `user_data`.
 
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
@@ -124,7 +125,7 @@ impl CoreRing {
                 Expect { len },
             ),
             IoType::Write => (
-                opcode::Write::new(fd, io.buf.as_ptr(), len)
+                opcode::Write::new(fd, io.data_ptr(), len)
                     .offset(off)
                     .build(),
                 Expect { len },
