@@ -9,7 +9,7 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::Duration;
 
-use common::Target;
+use common::{Backing, Target};
 use serde_json::{json, Value};
 
 const NQN: &str = "nqn.2016-06.io.spdk:cnode1";
@@ -303,11 +303,14 @@ fn property(get: bool, offset: u32, size8: bool, value: u64) -> [u8; 64] {
 
 #[test]
 fn the_linux_host_connect_sequence_gets_a_working_controller() {
+    for backing in Backing::ALL {
+        linux_host_connect_sequence(backing);
+    }
+}
+
+fn linux_host_connect_sequence(backing: Backing) {
     let (t, port) = target_with_listener();
-    t.ok(
-        "bdev_malloc_create",
-        json!({"name": "M0", "num_blocks": 2048, "block_size": 4096}),
-    );
+    backing.create(&t, "M0", 2048, 4096);
     t.ok(
         "nvmf_subsystem_add_ns",
         json!({"nqn": NQN, "namespace": {"bdev_name": "M0"}}),
@@ -397,9 +400,9 @@ fn the_linux_host_connect_sequence_gets_a_working_controller() {
     let a: Vec<u8> = (0..4096u32).map(|i| (i % 251) as u8).collect();
     let b: Vec<u8> = (0..8192u32).map(|i| (i % 253) as u8 ^ 0x5a).collect();
     let (_, c) = io.cmd(rw(0x01, 20, 10, 1, 4096, true), &a);
-    assert_eq!(status(&c), (0, 0), "in-capsule write");
+    assert_eq!(status(&c), (0, 0), "in-capsule write to {backing:?}");
     let c = io.write_r2t(rw(0x01, 21, 11, 2, 8192, false), &b);
-    assert_eq!(status(&c), (0, 0), "R2T write");
+    assert_eq!(status(&c), (0, 0), "R2T write to {backing:?}");
     let (data, c) = io.cmd(rw(0x02, 22, 10, 3, 12288, false), &[]);
     assert_eq!(status(&c), (0, 0));
     assert_eq!(&data[..4096], &a[..]);
@@ -796,11 +799,14 @@ fn block(i: u64) -> Vec<u8> {
 
 #[test]
 fn many_commands_in_flight_on_one_queue_complete_with_the_right_data() {
+    for backing in Backing::ALL {
+        many_commands_in_flight(backing);
+    }
+}
+
+fn many_commands_in_flight(backing: Backing) {
     let (t, port) = target_with_listener();
-    t.ok(
-        "bdev_malloc_create",
-        json!({"name": "M0", "num_blocks": 1024, "block_size": 4096}),
-    );
+    backing.create(&t, "M0", 1024, 4096);
     t.ok(
         "nvmf_subsystem_add_ns",
         json!({"nqn": NQN, "namespace": {"bdev_name": "M0"}}),
@@ -819,7 +825,11 @@ fn many_commands_in_flight_on_one_queue_complete_with_the_right_data() {
     while seen.len() < 100 {
         let (ty, h, _) = read_pdu(s);
         assert_eq!(ty, 0x05);
-        assert_eq!(status(&h[8..24].try_into().unwrap()), (0, 0));
+        assert_eq!(
+            status(&h[8..24].try_into().unwrap()),
+            (0, 0),
+            "write to {backing:?}"
+        );
         assert!(seen.insert(cqe_cid(&h)), "one completion per command");
     }
     for i in 0..100u16 {
@@ -894,15 +904,18 @@ fn many_commands_in_flight_on_one_queue_complete_with_the_right_data() {
 
 #[test]
 fn in_capsule_writes_held_by_a_slow_bdev_keep_their_data() {
+    for backing in Backing::ALL {
+        in_capsule_writes_held_by_a_slow_bdev(backing);
+    }
+}
+
+fn in_capsule_writes_held_by_a_slow_bdev(backing: Backing) {
     // Writes take their data from the receive buffers in place; with a
     // bdev that holds them for milliseconds, a burst pins every buffer the
     // connection may have and the rest must fall back to copies — all of
-    // it landing intact.
+    // it landing intact (bounced where the bdev needs aligned data).
     let (t, port) = target_with_listener();
-    t.ok(
-        "bdev_malloc_create",
-        json!({"name": "M0", "num_blocks": 1024, "block_size": 4096}),
-    );
+    backing.create(&t, "M0", 1024, 4096);
     t.ok(
         "bdev_delay_create",
         json!({"name": "D0", "base_bdev_name": "M0", "avg_read_latency": 0, "p99_read_latency": 0,
@@ -924,7 +937,7 @@ fn in_capsule_writes_held_by_a_slow_bdev_keep_their_data() {
         while seen.len() < 120 {
             let (ty, h, _) = read_pdu(&mut io.s);
             assert_eq!(ty, 0x05);
-            assert_eq!(status(&h[8..24].try_into().unwrap()), (0, 0));
+            assert_eq!(status(&h[8..24].try_into().unwrap()), (0, 0), "{backing:?}");
             assert!(seen.insert(cqe_cid(&h)));
         }
         for i in 0..120u16 {

@@ -239,3 +239,43 @@ pub fn pattern(len: usize, seed: u8) -> Vec<u8> {
         .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
         .collect()
 }
+
+/// What a test's bdev is backed by: RAM, or a file through io_uring or the
+/// aio RPC (O_DIRECT, so data must arrive aligned as the kernel needs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backing {
+    Malloc,
+    UringFile,
+    AioFile,
+}
+
+impl Backing {
+    pub const ALL: [Backing; 3] = [Backing::Malloc, Backing::UringFile, Backing::AioFile];
+
+    /// Creates bdev `name` of `num_blocks` x `block_size` backed this way
+    /// (files in the target's scratch directory).
+    pub fn create(self, t: &Target, name: &str, num_blocks: u64, block_size: u32) {
+        match self {
+            Backing::Malloc => {
+                t.ok(
+                    "bdev_malloc_create",
+                    json!({"name": name, "num_blocks": num_blocks, "block_size": block_size}),
+                );
+            }
+            Backing::UringFile | Backing::AioFile => {
+                let path = t.dir.join(format!("{name}.img"));
+                let f = std::fs::File::create(&path).unwrap();
+                f.set_len(num_blocks * block_size as u64).unwrap();
+                let method = if self == Backing::UringFile {
+                    "bdev_uring_create"
+                } else {
+                    "bdev_aio_create"
+                };
+                t.ok(
+                    method,
+                    json!({"name": name, "filename": path.display().to_string(), "block_size": block_size}),
+                );
+            }
+        }
+    }
+}
