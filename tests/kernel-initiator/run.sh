@@ -8,7 +8,7 @@
 #   FP_KI_CACHE      cache dir for debs / unpacked kernel   (~/.cache/ferroplane-kernel-initiator)
 #   FP_KI_KERNEL     Debian kernel package to use            (linux-image-amd64's dependency,
 #                                                             fallback: newest linux-image-6.1.0-N-amd64)
-#   FP_KI_TIMEOUT    guest timeout in seconds                 (420)
+#   FP_KI_TIMEOUT    guest timeout in seconds                 (720)
 #   FP_KI_FIO_RUNTIME fio runtime in seconds                  (30)
 #   FP_KI_NOBUILD=1  skip `cargo build`
 #   FP_KI_KEEP=1     keep the work dir (logs, initramfs) for inspection
@@ -28,9 +28,11 @@ die() { log "ERROR: $*"; exit 1; }
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 CACHE="${FP_KI_CACHE:-${HOME:-/root}/.cache/ferroplane-kernel-initiator}"
-TIMEOUT="${FP_KI_TIMEOUT:-420}"
+TIMEOUT="${FP_KI_TIMEOUT:-720}"
 FIO_RUNTIME="${FP_KI_FIO_RUNTIME:-30}"
 NQN="nqn.2016-06.io.ferroplane:cnode1"
+# The same steps over a file-backed (O_DIRECT aio) namespace.
+FILE_NQN="nqn.2016-06.io.ferroplane:file1"
 DISC_NQN="nqn.2014-08.org.nvmexpress.discovery"
 IO_PORT="${FP_KI_IO_PORT:-4420}"
 DISC_PORT="${FP_KI_DISC_PORT:-8009}"
@@ -175,6 +177,7 @@ mount -t devtmpfs dev /dev
 mkdir -p /dev/pts /run/nvme; mount -t tmpfs tmpfs /tmp
 echo /sbin/modprobe >/proc/sys/kernel/modprobe
 NQN="$NQN"
+FILE_NQN="$FILE_NQN"
 HOST=10.0.2.2
 IO_PORT=$IO_PORT
 DISC_PORT=$DISC_PORT
@@ -240,37 +243,43 @@ if run connect nvme connect -t tcp -a $HOST -s $IO_PORT -n $NQN; then
     wait_no_ns
 fi
 
-# 3. connect with header + data digests; fio verify
-if run connect-digest nvme connect -t tcp -a $HOST -s $IO_PORT -n $NQN --hdr-digest --data-digest; then
-    wait_ns || echo "namespace did not appear"
-    DEV=$(nsdev)
-    run size-digest check_size
-    run fio fio --name=v --filename=$DEV --rw=randrw --bs=4k --iodepth=8 --ioengine=libaio \
-        --direct=1 --verify=crc32c --verify_backlog=512 --size=32M --runtime=$FIO_RUNTIME --time_based
-    # large (MDTS-sized and bigger) sequential verify pass: exercises R2T/H2C + C2H splitting
-    run fio-large fio --name=big --filename=$DEV --rw=write --bs=512k --iodepth=4 --ioengine=libaio \
-        --direct=1 --verify=crc32c --size=64M --offset=64M
-
-    # 4. filesystem: mkfs, write, checksum, reconnect, verify (each step needs the previous one)
-    SUM1=""
-    if run mkfs mkfs.ext4 -q -F $DEV && run mount mount -t ext4 $DEV /mnt; then
-        run write-file dd if=/dev/urandom of=/mnt/data bs=1M count=16 && sync \
-            && SUM1=$(md5sum /mnt/data | cut -d' ' -f1) && echo "md5 before: $SUM1"
-        run umount umount /mnt
-    fi
-    run disconnect-digest nvme disconnect -n $NQN
-    wait_no_ns
-    if [ -n "$SUM1" ] && run reconnect nvme connect -t tcp -a $HOST -s $IO_PORT -n $NQN --hdr-digest --data-digest; then
+# 3. connect with header + data digests; fio verify; 4. filesystem: mkfs,
+# write, checksum, reconnect, verify (each step needs the previous one).
+# Run over the RAM namespace and again over the file-backed one (tag "-file").
+exercise() {
+    nqn=$1; t=$2
+    if run connect-digest$t nvme connect -t tcp -a $HOST -s $IO_PORT -n $nqn --hdr-digest --data-digest; then
         wait_ns || echo "namespace did not appear"
         DEV=$(nsdev)
-        if run remount mount -t ext4 $DEV /mnt; then
-            SUM2=$(md5sum /mnt/data | cut -d' ' -f1); echo "md5 after:  $SUM2"
-            if [ "$SUM1" = "$SUM2" ]; then pass checksum; else fail checksum; fi
-            run umount-2 umount /mnt
+        run size-digest$t check_size
+        run fio$t fio --name=v --filename=$DEV --rw=randrw --bs=4k --iodepth=8 --ioengine=libaio \
+            --direct=1 --verify=crc32c --verify_backlog=512 --size=32M --runtime=$FIO_RUNTIME --time_based
+        # large (MDTS-sized and bigger) sequential verify pass: exercises R2T/H2C + C2H splitting
+        run fio-large$t fio --name=big --filename=$DEV --rw=write --bs=512k --iodepth=4 --ioengine=libaio \
+            --direct=1 --verify=crc32c --size=64M --offset=64M
+        SUM1=""
+        if run mkfs$t mkfs.ext4 -q -F $DEV && run mount$t mount -t ext4 $DEV /mnt; then
+            run write-file$t dd if=/dev/urandom of=/mnt/data bs=1M count=16 && sync \
+                && SUM1=$(md5sum /mnt/data | cut -d' ' -f1) && echo "md5 before: $SUM1"
+            run umount$t umount /mnt
         fi
-    elif [ -z "$SUM1" ]; then fail checksum; fi
-    nsdev >/dev/null && run disconnect-final nvme disconnect -n $NQN
-fi
+        run disconnect-digest$t nvme disconnect -n $nqn
+        wait_no_ns
+        if [ -n "$SUM1" ] && run reconnect$t nvme connect -t tcp -a $HOST -s $IO_PORT -n $nqn --hdr-digest --data-digest; then
+            wait_ns || echo "namespace did not appear"
+            DEV=$(nsdev)
+            if run remount$t mount -t ext4 $DEV /mnt; then
+                SUM2=$(md5sum /mnt/data | cut -d' ' -f1); echo "md5 after:  $SUM2"
+                if [ "$SUM1" = "$SUM2" ]; then pass checksum$t; else fail checksum$t; fi
+                run umount-2$t umount /mnt
+            fi
+        elif [ -z "$SUM1" ]; then fail checksum$t; fi
+        nsdev >/dev/null && run disconnect-final$t nvme disconnect -n $nqn
+        wait_no_ns
+    fi
+}
+exercise $NQN ""
+exercise $FILE_NQN -file
 finish
 EOF
 chmod +x "$IR/init"
@@ -291,6 +300,8 @@ for port in "$IO_PORT" "$DISC_PORT"; do
     if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then die "port $port already in use on 127.0.0.1"; fi
 done
 CFG="$WORK/target.json"
+BACKING_FILE="$WORK/file0.img"
+truncate -s "$BDEV_BYTES" "$BACKING_FILE"
 cat >"$CFG" <<EOF
 {
   "subsystems": [
@@ -298,6 +309,7 @@ cat >"$CFG" <<EOF
       "subsystem": "bdev",
       "config": [
         {"method": "bdev_malloc_create", "params": {"name": "Malloc0", "num_blocks": $BDEV_BLOCKS, "block_size": $BDEV_BS}},
+        {"method": "bdev_aio_create", "params": {"name": "File0", "filename": "$BACKING_FILE", "block_size": $BDEV_BS}},
         {"method": "bdev_wait_for_examine"}
       ]
     },
@@ -308,6 +320,9 @@ cat >"$CFG" <<EOF
         {"method": "nvmf_create_subsystem", "params": {"nqn": "$NQN", "serial_number": "FP0001", "allow_any_host": true}},
         {"method": "nvmf_subsystem_add_ns", "params": {"nqn": "$NQN", "namespace": {"bdev_name": "Malloc0"}}},
         {"method": "nvmf_subsystem_add_listener", "params": {"nqn": "$NQN", "listen_address": {"trtype": "tcp", "adrfam": "IPv4", "traddr": "127.0.0.1", "trsvcid": "$IO_PORT"}}},
+        {"method": "nvmf_create_subsystem", "params": {"nqn": "$FILE_NQN", "serial_number": "FP0002", "allow_any_host": true}},
+        {"method": "nvmf_subsystem_add_ns", "params": {"nqn": "$FILE_NQN", "namespace": {"bdev_name": "File0"}}},
+        {"method": "nvmf_subsystem_add_listener", "params": {"nqn": "$FILE_NQN", "listen_address": {"trtype": "tcp", "adrfam": "IPv4", "traddr": "127.0.0.1", "trsvcid": "$IO_PORT"}}},
         {"method": "nvmf_subsystem_add_listener", "params": {"nqn": "$DISC_NQN", "listen_address": {"trtype": "tcp", "adrfam": "IPv4", "traddr": "127.0.0.1", "trsvcid": "$DISC_PORT"}}}
       ]
     }
