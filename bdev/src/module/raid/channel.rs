@@ -16,13 +16,25 @@
 //! in a per-channel slab (no allocation per I/O once it has grown) and gets
 //! its buffer back when the children are done. A child's tag is
 //! `parent << 8 | slot`.
+//!
+//! Durability of raid1 writes (as Linux md holds writes while
+//! `MD_SB_CHANGE_PENDING`): a write is acknowledged only once every member
+//! the superblock on disk calls current has it. One that a member lost
+//! (its child failed, or the member was already out of service in memory
+//! when it was issued) stays in the slab, children done, until a
+//! superblock recording that member's failure is on the survivors
+//! ([`RaidShared::durable`], published by the main reactor with a message
+//! to every core); it fails if no superblock can be written any more. Else
+//! a crash in between leaves the stale member looking current, and reads
+//! after reassembly may return the data it lost. The normal path pays one
+//! atomic load per write completion; the held path may allocate.
 
 use std::cell::{Cell, RefCell};
 use std::rc::{Rc, Weak};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use super::{Level, MemberState, RaidShared, WriteCounters};
+use super::{Level, MemberState, RaidShared, WriteCounters, DURABLE_LOST};
 use crate::buf::{BufLender, SharedBuf};
 use crate::channel::{BdevChannel, IoChannel};
 use crate::io::{IoBox, IoBuf, IoCompletion, IoStatus, IoType};
@@ -42,6 +54,8 @@ struct Parent {
     tried: u64,
     /// raid1 writes: the admission epoch parity it is counted in.
     admitted: Option<usize>,
+    /// raid1 writes: the slots whose child succeeded.
+    ok_mask: u64,
 }
 
 pub(super) struct RaidChannel {
@@ -60,7 +74,36 @@ pub(super) struct RaidChannel {
     held: RefCell<std::collections::VecDeque<u32>>,
     /// Retries held writes; woken with a delay while any wait.
     retry: RefCell<Option<reactor::PollerHandle>>,
+    /// raid1 writes done on their members, waiting for the superblock to
+    /// record a member they missed (parents).
+    sb_wait: RefCell<std::collections::VecDeque<u32>>,
+    /// In this core's [`SB_WAITERS`].
+    sb_listed: Cell<bool>,
     me: Weak<RaidChannel>,
+}
+
+thread_local! {
+    /// This core's channels holding writes for a superblock, rechecked
+    /// when the main reactor publishes one.
+    static SB_WAITERS: RefCell<Vec<Weak<RaidChannel>>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Has every core recheck the writes its channels hold for a superblock
+/// (after [`RaidShared::durable`] changed). Main reactor.
+pub(super) fn release_sb_waiters_everywhere() {
+    for core in reactor::cores() {
+        reactor::send(core, release_sb_waiters);
+    }
+}
+
+fn release_sb_waiters() {
+    let listed = SB_WAITERS.with(|w| std::mem::take(&mut *w.borrow_mut()));
+    for ch in listed.iter().filter_map(Weak::upgrade) {
+        ch.sb_listed.set(false);
+    }
+    for ch in listed.iter().filter_map(Weak::upgrade) {
+        ch.recheck_sb();
+    }
 }
 
 impl RaidChannel {
@@ -84,6 +127,8 @@ impl RaidChannel {
             writes,
             held: RefCell::new(std::collections::VecDeque::new()),
             retry: RefCell::new(None),
+            sb_wait: RefCell::new(std::collections::VecDeque::new()),
+            sb_listed: Cell::new(false),
             me: me.clone(),
         });
         let w = Rc::downgrade(&ch);
@@ -181,6 +226,7 @@ impl RaidChannel {
                     ok_operational: 0,
                     tried: 0,
                     admitted: None,
+                    ok_mask: 0,
                 });
                 (parents.len() - 1) as u32
             }
@@ -197,13 +243,28 @@ impl RaidChannel {
         p.ok_operational = 0;
         p.tried = 0;
         p.admitted = None;
+        p.ok_mask = 0;
         i
+    }
+
+    /// Stops counting `p` as a write in flight for the rebuild: its
+    /// children are done.
+    fn retire_write(&self, p: u32) {
+        let admitted = self
+            .parents
+            .borrow_mut()
+            .get_mut(p as usize)
+            .and_then(|parent| parent.admitted.take());
+        if let Some(slot) = admitted {
+            self.writes.0[slot].fetch_sub(1, Ordering::SeqCst);
+        }
     }
 
     /// Takes a finished parent out of the slab, its data back in place.
     fn unpark(&self, p: u32) -> Option<IoBox> {
+        self.retire_write(p);
         let mut reusable = true;
-        let (io, admitted) = {
+        let io = {
             let mut parents = self.parents.borrow_mut();
             let parent = parents.get_mut(p as usize)?;
             let mut io = parent.io.take();
@@ -218,15 +279,64 @@ impl RaidChannel {
                     }
                 }
             }
-            (io, parent.admitted.take())
+            io
         };
-        if let Some(slot) = admitted {
-            self.writes.0[slot].fetch_sub(1, Ordering::SeqCst);
-        }
         if reusable {
             self.free.borrow_mut().push(p);
         }
         io
+    }
+
+    /// Holds raid1 write `p` (children done, reached the members in its
+    /// `ok_mask`) until the superblock on disk no longer calls current a
+    /// member it missed. Slow path.
+    fn wait_for_sb(&self, p: u32) {
+        // Done on its members: a rebuild step need not wait for it (and
+        // must not: the superblock write that releases it may wait for the
+        // rebuild to be cancelled).
+        self.retire_write(p);
+        self.sb_wait.borrow_mut().push_back(p);
+        self.list_for_sb();
+    }
+
+    fn list_for_sb(&self) {
+        if !self.sb_listed.replace(true) {
+            SB_WAITERS.with(|w| w.borrow_mut().push(self.me.clone()));
+        }
+    }
+
+    /// Acknowledges the held writes the superblock on disk now allows,
+    /// fails them all if none can be written any more.
+    fn recheck_sb(&self) {
+        let durable = self.shared.durable.load(Ordering::Acquire);
+        let n = self.sb_wait.borrow().len();
+        let mut released = 0;
+        for _ in 0..n {
+            let Some(p) = self.sb_wait.borrow_mut().pop_front() else {
+                break;
+            };
+            let Some(ok_mask) = self.parents.borrow().get(p as usize).map(|x| x.ok_mask) else {
+                continue;
+            };
+            // No borrow is held across a completion (it may submit here).
+            if durable & DURABLE_LOST != 0 {
+                self.complete(p, IoStatus::Failed);
+            } else if durable & !ok_mask == 0 {
+                released += 1;
+                self.complete(p, IoStatus::Success);
+            } else {
+                self.sb_wait.borrow_mut().push_back(p);
+            }
+        }
+        if released > 0 {
+            log::debug!(
+                "raid {}: {released} writes acknowledged once their member's failure was on disk",
+                self.shared.name
+            );
+        }
+        if !self.sb_wait.borrow().is_empty() {
+            self.list_for_sb();
+        }
     }
 
     fn complete(&self, p: u32, status: IoStatus) {
@@ -431,10 +541,10 @@ impl RaidChannel {
     /// A member failed an I/O: no more I/O to it; the main reactor releases
     /// it and records that in the superblock.
     fn member_failed(&self, slot: usize) {
-        if self.shared.state(slot) == MemberState::Failed {
+        if !self.shared.fail(slot) {
+            // Already out of service (another I/O or core reported it).
             return;
         }
-        self.shared.set_state(slot, MemberState::Failed);
         let name = self.shared.name.clone();
         reactor::send(reactor::main_core(), move || {
             reactor::spawn_local(super::rebuild::member_failed(name, slot))
@@ -502,20 +612,26 @@ impl RaidChannel {
             };
             parent.remaining = parent.remaining.saturating_sub(1);
             if ok {
+                parent.ok_mask |= 1 << slot;
                 if self.shared.state(slot) == MemberState::Operational {
                     parent.ok_operational += 1;
                 }
             } else {
                 parent.failed = true;
             }
-            (parent.remaining == 0).then_some((parent.failed, parent.ok_operational))
+            (parent.remaining == 0).then_some((
+                parent.failed,
+                parent.ok_operational,
+                parent.ok_mask,
+            ))
         };
         // Only a lost write makes a member stale; a failed flush or reset
         // fails the I/O but leaves the member's data as it was.
-        if !ok && raid1 && matches!(io_type, IoType::Write | IoType::WriteZeroes | IoType::Unmap) {
+        let write = matches!(io_type, IoType::Write | IoType::WriteZeroes | IoType::Unmap);
+        if !ok && raid1 && write {
             self.member_failed(slot);
         }
-        if let Some((failed, ok_operational)) = done {
+        if let Some((failed, ok_operational, ok_mask)) = done {
             let status = if raid1 {
                 if ok_operational > 0 {
                     IoStatus::Success
@@ -527,6 +643,16 @@ impl RaidChannel {
             } else {
                 IoStatus::Success
             };
+            if raid1 && write && status == IoStatus::Success {
+                let durable = self.shared.durable.load(Ordering::Acquire);
+                if durable & !ok_mask != 0 {
+                    if durable & DURABLE_LOST != 0 {
+                        // No superblock will come to release it.
+                        return self.complete(p, IoStatus::Failed);
+                    }
+                    return self.wait_for_sb(p);
+                }
+            }
             self.complete(p, status);
         }
     }

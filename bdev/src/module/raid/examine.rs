@@ -6,6 +6,11 @@
 //! comes up degraded. A member that arrives after the RAID is online, or
 //! that the newest superblock calls stale, is rebuilt.
 //!
+//! The newest superblock decides, whichever member is found first: a
+//! member that lost raid1 writes is recorded failed on the survivors
+//! before any of those writes is acknowledged (`channel.rs`), so its own,
+//! older superblock calling itself current never outranks that record.
+//!
 //! While an assembly waits, it holds the RAID's name reservation, so
 //! `bdev_wait_for_examine` does not return before the RAID is registered
 //! (or given up: a raid0/concat missing a member stays configuring).
@@ -278,6 +283,9 @@ async fn online(mut asm: Assembly) {
         generation: AtomicU64::new(1),
         rebuild: RebuildProgress::default(),
         seq: AtomicU64::new(sb.seq),
+        // What the newest superblock on disk says, missing members
+        // included until the write below records them.
+        durable: AtomicU64::new(super::current_mask(&sb)),
     });
     super::with_raids(|r| {
         r.insert(

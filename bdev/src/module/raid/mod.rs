@@ -16,6 +16,10 @@
 //!   have had [`DEGRADED_GRACE`] to appear.
 //! - Create returns after registration and examine (SPEC §4); a failed
 //!   create releases every claim it took.
+//! - A raid1 write is acknowledged only once every member the superblock
+//!   on disk calls current has it (`channel.rs` holds the others): every
+//!   change that takes a member out of service is followed by a superblock
+//!   write, and each round on disk publishes [`RaidShared::durable`].
 
 mod channel;
 mod examine;
@@ -38,6 +42,7 @@ use crate::channel::BdevChannel;
 use crate::error::{BdevError, Result};
 use crate::io::IoType;
 use crate::registry::{self, Descriptor};
+use static_assertions::const_assert;
 pub use superblock::Level;
 use superblock::{RaidSuperblock, SlotRecord, SlotState};
 
@@ -164,6 +169,27 @@ pub struct RaidShared {
     pub rebuild: RebuildProgress,
     /// The superblock's current sequence number.
     pub seq: AtomicU64,
+    /// What the superblock on the members' disks says (raid1 write hold):
+    /// bit `s` set while it calls slot `s` current, [`DURABLE_LOST`] once
+    /// it can no longer be written. Published by [`write_superblock`]
+    /// after a round is on disk, read by every channel at each raid1 write
+    /// completion; 0 (nothing to wait for) without a superblock.
+    pub durable: AtomicU64,
+}
+
+/// [`RaidShared::durable`]: no superblock can be written any more (no
+/// member left to take it), so writes waiting for one fail. Above every
+/// slot bit.
+pub const DURABLE_LOST: u64 = 1 << 63;
+const_assert!(superblock::MAX_SLOTS < 63);
+
+/// The slots a superblock calls current, as [`RaidShared::durable`] bits.
+fn current_mask(sb: &RaidSuperblock) -> u64 {
+    sb.slots
+        .iter()
+        .enumerate()
+        .filter(|(_, s)| s.state == SlotState::Configured)
+        .fold(0, |m, (i, _)| m | 1 << i)
 }
 
 impl RaidShared {
@@ -178,6 +204,47 @@ impl RaidShared {
             s.store(st as u8, Ordering::Release);
         }
         self.generation.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// Marks `slot` failed if it is in service (operational or
+    /// rebuilding); whether this call did, so of several cores seeing the
+    /// same member fail at once exactly one reports it.
+    pub fn fail(&self, slot: usize) -> bool {
+        let Some(s) = self.states.get(slot) else {
+            return false;
+        };
+        let failed = s
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |v| {
+                matches!(
+                    MemberState::from_u8(v),
+                    MemberState::Operational | MemberState::Rebuilding
+                )
+                .then_some(MemberState::Failed as u8)
+            })
+            .is_ok();
+        if failed {
+            self.generation.fetch_add(1, Ordering::AcqRel);
+        }
+        failed
+    }
+
+    /// Publishes what the members' superblock now says (see
+    /// [`RaidShared::durable`]) and has every core recheck the raid1
+    /// writes it holds for it. Main reactor, superblock lock held (or
+    /// before the RAID serves I/O).
+    fn publish_durable(&self, durable: u64) {
+        // No current slot on disk: nothing an assembly would serve from.
+        let durable = if durable == 0 { DURABLE_LOST } else { durable };
+        self.durable.store(durable, Ordering::Release);
+        channel::release_sb_waiters_everywhere();
+    }
+
+    /// Writes waiting for a superblock fail (see [`DURABLE_LOST`]).
+    fn durable_lost(&self) {
+        if self.superblock {
+            let now = self.durable.load(Ordering::Acquire);
+            self.publish_durable(now | DURABLE_LOST);
+        }
     }
 
     pub fn num_slots(&self) -> usize {
@@ -355,6 +422,9 @@ impl Bdev for RaidBdev {
     fn destruct(&self) -> LocalFuture<()> {
         let shared = self.shared.clone();
         Box::pin(async move {
+            // Raid1 writes still waiting for a superblock are not
+            // acknowledged now: the RAID goes before recording them.
+            shared.durable_lost();
             rebuild::cancel(&shared.name).await;
             release_members(&shared);
             RAIDS.with(|r| r.borrow_mut().remove(&shared.name));
@@ -586,6 +656,8 @@ pub async fn create(o: RaidOptions) -> Result<String> {
         generation: AtomicU64::new(1),
         rebuild: RebuildProgress::default(),
         seq: AtomicU64::new(0),
+        // Set by the superblock write below.
+        durable: AtomicU64::new(0),
     });
     if o.superblock {
         // Both copies at creation, so either is valid from the start.
@@ -655,7 +727,11 @@ async fn register(reservation: registry::NameReservation, shared: &Arc<RaidShare
 
 /// Writes the current superblock (next sequence number) to every member
 /// that has a bdev and is not failed; `both`: to both copies. Serialised
-/// per RAID. Members that fail the write are marked failed.
+/// per RAID. A member that fails the write is marked failed, and the round
+/// is repeated so the superblock on the others records that too. After
+/// each round on disk, [`RaidShared::durable`] is published (releasing the
+/// raid1 writes that waited for it); Err, with writes waiting for it
+/// failed, when no member takes it.
 pub(crate) async fn write_superblock(shared: &Arc<RaidShared>, both: bool) -> Result<()> {
     if !shared.superblock {
         return Ok(());
@@ -667,6 +743,31 @@ pub(crate) async fn write_superblock(shared: &Arc<RaidShared>, both: bool) -> Re
             .clone()
     });
     let _guard = lock.lock().await;
+    // Each round that loses a member takes one target away: bounded.
+    for _ in 0..=superblock::MAX_SLOTS {
+        let (wrote, failed, sb) = superblock_round(shared, both).await;
+        if wrote > 0 {
+            shared.publish_durable(current_mask(&sb));
+        }
+        if failed == 0 && wrote > 0 {
+            return Ok(());
+        }
+        if wrote == 0 && failed == 0 {
+            break;
+        }
+    }
+    log::warn!(
+        "raid {}: no member took the superblock; writes waiting for it fail",
+        shared.name
+    );
+    shared.durable_lost();
+    Err(BdevError::Io)
+}
+
+/// One superblock write to every member in service: (members written,
+/// members that failed the write and are now marked failed, what was
+/// written).
+async fn superblock_round(shared: &Arc<RaidShared>, both: bool) -> (usize, usize, RaidSuperblock) {
     let seq = shared.seq.fetch_add(1, Ordering::AcqRel) + 1;
     let mut sb = shared.superblock_now(seq);
     let targets: Vec<(usize, BdevHandle)> = {
@@ -683,7 +784,7 @@ pub(crate) async fn write_superblock(shared: &Arc<RaidShared>, both: bool) -> Re
             .filter_map(|(i, m)| m.bdev.clone().map(|b| (i, b)))
             .collect()
     };
-    let mut wrote = 0;
+    let (mut wrote, mut failed) = (0, 0);
     for (slot, b) in targets {
         let cb = superblock::copy_bytes(b.block_size());
         sb.own_slot = Some(slot as u8);
@@ -720,12 +821,11 @@ pub(crate) async fn write_superblock(shared: &Arc<RaidShared>, both: bool) -> Re
                 b.name()
             );
             shared.set_state(slot, MemberState::Failed);
+            failed += 1;
         }
     }
-    if wrote == 0 {
-        return Err(BdevError::Io);
-    }
-    Ok(())
+    sb.own_slot = None;
+    (wrote, failed, sb)
 }
 
 /// Erases the superblock copies on every present member, so a deleted RAID
@@ -802,7 +902,9 @@ pub(crate) async fn remove_member(
         shared.name
     );
     if shared.operational() == 0 {
-        // Nothing left to serve from: the RAID goes.
+        // Nothing left to serve from: the RAID goes, and writes waiting
+        // for a superblock fail (there is no member left to take one).
+        shared.durable_lost();
         let online = with_raids(|r| r.get(&shared.name).is_some_and(|e| e.online));
         if online {
             let _ = registry::unregister(&shared.name, Some(MODULE)).await;

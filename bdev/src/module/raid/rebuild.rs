@@ -159,7 +159,8 @@ async fn copy_step(shared: &Arc<RaidShared>, target: usize, at: u64, n: u64) -> 
 }
 
 /// A member failed an I/O (reported by a channel): release it, stop a
-/// rebuild onto it, record it in the superblock of the others.
+/// rebuild onto it, record it in the superblock of the others (which
+/// releases the raid1 writes its channels hold until that is on disk).
 pub(super) async fn member_failed(name: String, slot: usize) {
     let Some(shared) = super::find(&name) else {
         return;
@@ -179,7 +180,7 @@ pub(super) async fn member_failed(name: String, slot: usize) {
     };
     drop(desc);
     shared.generation.fetch_add(1, Ordering::AcqRel);
-    if shared.operational() > 0 {
-        let _ = super::write_superblock(&shared, false).await;
-    }
+    // Also with no operational member left: then no member takes it, and
+    // the writes waiting for it fail instead of waiting forever.
+    let _ = super::write_superblock(&shared, false).await;
 }
