@@ -240,17 +240,25 @@ pub fn pattern(len: usize, seed: u8) -> Vec<u8> {
         .collect()
 }
 
-/// What a test's bdev is backed by: RAM, or a file through io_uring or the
-/// aio RPC (O_DIRECT, so data must arrive aligned as the kernel needs).
+/// What a test's bdev is backed by: RAM, a file through io_uring or the
+/// aio RPC (O_DIRECT, so data must arrive aligned as the kernel needs), or
+/// a raid1 of two such files (the layer above shares one buffer between
+/// the mirrors).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Backing {
     Malloc,
     UringFile,
     AioFile,
+    Raid1Files,
 }
 
 impl Backing {
-    pub const ALL: [Backing; 3] = [Backing::Malloc, Backing::UringFile, Backing::AioFile];
+    pub const ALL: [Backing; 4] = [
+        Backing::Malloc,
+        Backing::UringFile,
+        Backing::AioFile,
+        Backing::Raid1Files,
+    ];
 
     /// Creates bdev `name` of `num_blocks` x `block_size` backed this way
     /// (files in the target's scratch directory).
@@ -260,6 +268,16 @@ impl Backing {
                 t.ok(
                     "bdev_malloc_create",
                     json!({"name": name, "num_blocks": num_blocks, "block_size": block_size}),
+                );
+            }
+            Backing::Raid1Files => {
+                let members = [format!("{name}_m0"), format!("{name}_m1")];
+                for m in &members {
+                    Backing::UringFile.create(t, m, num_blocks, block_size);
+                }
+                t.ok(
+                    "bdev_raid_create",
+                    json!({"name": name, "raid_level": "raid1", "base_bdevs": members}),
                 );
             }
             Backing::UringFile | Backing::AioFile => {

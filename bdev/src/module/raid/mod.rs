@@ -684,12 +684,27 @@ pub async fn create(o: RaidOptions) -> Result<String> {
 
 /// Registers an assembled RAID as a bdev.
 async fn register(reservation: registry::NameReservation, shared: &Arc<RaidShared>) -> Result<()> {
+    // Data the members need aligned is bounced once, here, rather than by
+    // every member a mirror write reaches.
+    let required_alignment = shared
+        .members
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .iter()
+        .filter_map(|m| m.bdev.as_ref())
+        .map(|b| b.io_requirements().required_alignment)
+        .max()
+        .unwrap_or(0);
     let props = BdevProps::new(
         shared.name.clone(),
         shared.uuid,
         shared.block_size,
         shared.num_blocks,
-    );
+    )
+    .with_io(crate::bdev::IoRequirements {
+        required_alignment,
+        ..Default::default()
+    });
     // Marked online first: the bdev's own examine may look it up.
     with_raids(|r| {
         if let Some(e) = r.get_mut(&shared.name) {
