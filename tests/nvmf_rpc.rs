@@ -150,7 +150,18 @@ fn subsystems_namespaces_hosts_and_listeners() {
         "port released"
     );
     let t2 = Target::start_with(&["--cpus", "0,1", "-c", file.to_str().unwrap()]);
-    assert_eq!(t2.ok("nvmf_get_subsystems", Value::Null), before);
+    // The RPC socket opens while the configuration is still being applied
+    // (as in SPDK), and adding a namespace waits for every core: wait for
+    // the load to finish.
+    let mut now = t2.ok("nvmf_get_subsystems", Value::Null);
+    for _ in 0..200 {
+        if now == before {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+        now = t2.ok("nvmf_get_subsystems", Value::Null);
+    }
+    assert_eq!(now, before);
 
     // Deleting the bdev removes its namespace.
     t2.ok("bdev_malloc_delete", json!({"name": "Malloc0"}));

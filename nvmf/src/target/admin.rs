@@ -5,9 +5,10 @@
 //! controller's state and the command, so it is tested without sockets.
 //!
 //! A controller is created by an admin Connect (dynamic model, cntlid from
-//! the subsystem's range) and lives as long as its admin queue; the table
-//! of live controllers is on the main reactor, so I/O Connects on any core
-//! can find theirs.
+//! the subsystem's range) and lives as long as its admin queue (or until
+//! its host loses access, `changes.rs`); the table of live controllers and
+//! connected queue pairs is on the main reactor, so I/O Connects on any
+//! core can find theirs and a change can find every queue it must close.
 
 use std::collections::BTreeMap;
 
@@ -42,9 +43,23 @@ pub struct SubsystemView {
     pub ns_generation: u64,
 }
 
+impl SubsystemView {
+    /// The view without its namespace list (the per-core table serves it).
+    pub fn without_namespaces(&self) -> SubsystemView {
+        SubsystemView {
+            namespaces: Vec::new(),
+            discovery_log: Vec::new(),
+            ..self.clone()
+        }
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct NamespaceView {
     pub nsid: u32,
+    /// Which add of the namespace this is (unique per target), so an nsid
+    /// removed and added again is never mistaken for the old one.
+    pub instance: u64,
     /// For I/O queues: the bdev, whose channel on the queue's core serves it.
     pub bdev: bdev::BdevHandle,
     pub num_blocks: u64,
@@ -82,8 +97,9 @@ pub struct ControllerRecord {
     pub hostnqn: String,
     pub hostid: [u8; 16],
     pub io_qpairs: u32,
-    /// Fired on a namespace change while the admin queue holds an AER.
-    pub aen_waiter: Option<reactor::CompletionSender<()>>,
+    /// The admin queue pair's id: only its own closing destroys this
+    /// controller (its cntlid may be reused once it is gone).
+    pub admin_qpair: u64,
 }
 
 /// The discovery log for `hostnqn`: every port of every NVM subsystem the
@@ -121,18 +137,7 @@ fn view(t: &Target, nqn: &str, hostnqn: &str) -> Option<SubsystemView> {
         serial: s.serial_number.clone(),
         model: s.model_number.clone(),
         max_namespaces: s.max_namespaces,
-        namespaces: s
-            .namespaces
-            .values()
-            .map(|n| NamespaceView {
-                nsid: n.nsid,
-                bdev: n.desc.bdev().clone(),
-                num_blocks: n.desc.bdev().num_blocks(),
-                block_size: n.desc.bdev().block_size(),
-                nguid: n.nguid,
-                uuid: *n.uuid.as_bytes(),
-            })
-            .collect(),
+        namespaces: s.namespace_views(),
         max_queue_depth: tr.max_queue_depth,
         max_aq_depth: tr.max_aq_depth,
         max_io_qpairs: tr.max_io_qpairs_per_ctrlr,
@@ -148,9 +153,46 @@ fn view(t: &Target, nqn: &str, hostnqn: &str) -> Option<SubsystemView> {
     })
 }
 
-/// Validates a Connect and, for an admin queue, creates the controller.
-/// Runs on the main reactor. Returns the cntlid and the subsystem view.
+/// Where a connecting queue is: its addresses, core and connection token.
+#[derive(Clone, Copy, Debug)]
+pub struct QueueSite {
+    pub local: std::net::SocketAddr,
+    pub peer: std::net::SocketAddr,
+    pub core: u32,
+    pub token: u64,
+}
+
+/// Validates a Connect, creates the controller for an admin queue and
+/// records the queue pair, all at once on the main reactor, so a change
+/// that comes after finds the queue. Returns the cntlid, the subsystem
+/// view and the queue pair's id.
 pub fn connect(
+    cmd: &ConnectCmd,
+    data: &ConnectData,
+    site: QueueSite,
+) -> Result<(u16, SubsystemView, u64), ConnectRefusal> {
+    let (cntlid, view) = accept(cmd, data, site.local)?;
+    let id = qpair_connected(QpairRecord {
+        cntlid,
+        qid: cmd.qid,
+        subnqn: data.subnqn.clone(),
+        hostnqn: data.hostnqn.clone(),
+        core: site.core,
+        token: site.token,
+        listen: site.local,
+        peer: site.peer,
+    });
+    if cmd.qid == 0 {
+        with_target(|t| {
+            if let Some(r) = t.controllers.live.get_mut(&cntlid) {
+                r.admin_qpair = id;
+            }
+        });
+    }
+    Ok((cntlid, view, id))
+}
+
+fn accept(
     cmd: &ConnectCmd,
     data: &ConnectData,
     local: std::net::SocketAddr,
@@ -183,9 +225,11 @@ pub fn connect(
             .get(&data.subnqn)
             .is_some_and(|s| s.host_allowed(&data.hostnqn));
         if !allowed {
+            // As SPDK: Connect Invalid Host carries no IPO/IATTR (those
+            // belong to Connect Invalid Parameters).
             return Err(ConnectRefusal {
                 status: Status::command_specific(fabrics_sc::INVALID_HOST).dnr(),
-                dw0: connect_invalid_param_dw0(connect_offset::HOSTNQN, true),
+                dw0: 0,
             });
         }
         let depth_limit = if cmd.qid == 0 {
@@ -226,7 +270,7 @@ pub fn connect(
                     hostnqn: data.hostnqn.clone(),
                     hostid: data.hostid,
                     io_qpairs: 0,
-                    aen_waiter: None,
+                    admin_qpair: 0,
                 },
             );
             Ok((c, v))
@@ -248,50 +292,33 @@ pub fn connect(
     })
 }
 
-/// The current view of `nqn` for `hostnqn` (main reactor).
-pub fn current_view(nqn: &str, hostnqn: &str) -> Option<SubsystemView> {
-    with_target(|t| view(t, nqn, hostnqn))
-}
-
-/// For an admin queue holding AERs: the new view if the namespaces changed
-/// since `seen`, else an event fired at the next change (main reactor).
-pub fn watch_namespaces(
-    cntlid: u16,
-    nqn: &str,
-    hostnqn: &str,
-    seen: u64,
-) -> Result<SubsystemView, Option<reactor::CompletionEvent<()>>> {
-    with_target(|t| {
-        let current = t.subsystems.get(nqn).map(|s| s.ns_generation);
-        if current.is_some_and(|g| g != seen) {
-            return view(t, nqn, hostnqn).ok_or(None);
-        }
-        let rec = t.controllers.live.get_mut(&cntlid).ok_or(None)?;
-        let (tx, rx) = reactor::completion();
-        rec.aen_waiter = Some(tx);
-        Err(Some(rx))
-    })
-}
-
 /// CQE DW0 of the namespace attribute changed notice: type Notice (2),
 /// info 0, log page 04h (changed namespace list).
 pub const AEN_NS_ATTRIBUTE_CHANGED: u32 = 0x0004_0002;
 
-/// Forgets a controller whose admin queue went away and closes its I/O
-/// queues (main reactor), so nothing of it outlives the association.
-pub fn destroy(cntlid: u16) {
-    let io: Vec<(u64, u32)> = with_target(|t| {
-        t.controllers.live.remove(&cntlid);
-        t.controllers
-            .qpairs
-            .iter()
-            .filter(|(_, q)| q.cntlid == cntlid && q.qid != 0)
-            .map(|(id, q)| (*id, q.core))
+/// Forgets a controller whose admin queue (`admin_qpair`) went away and
+/// closes its I/O queues (main reactor), so nothing of it outlives the
+/// association. Nothing happens if the controller is gone already (its
+/// host lost access) and its cntlid went to another.
+pub fn destroy(cntlid: u16, admin_qpair: u64) {
+    let io: Vec<(u32, u64)> = with_target(|t| {
+        let c = &mut t.controllers;
+        if c.live
+            .get(&cntlid)
+            .is_none_or(|r| r.admin_qpair != admin_qpair)
+        {
+            return Vec::new();
+        }
+        c.live.remove(&cntlid);
+        c.qpairs
+            .values()
+            .filter(|q| q.cntlid == cntlid && q.qid != 0)
+            .map(|q| (q.core, q.token))
             .collect()
     });
-    for (id, core) in io {
+    for (core, token) in io {
         reactor::send(reactor::CoreId(core), move || {
-            super::poll_group::shutdown_qpair(id)
+            super::poll_group::close_connections(&[token], "controller destroyed");
         });
     }
 }
@@ -304,12 +331,15 @@ pub struct QpairRecord {
     pub subnqn: String,
     pub hostnqn: String,
     pub core: u32,
+    /// The connection's token in its core's poll group: it can be closed
+    /// by it from the moment Connect accepted it.
+    pub token: u64,
     pub listen: std::net::SocketAddr,
     pub peer: std::net::SocketAddr,
 }
 
 /// Records a queue pair that Connect bound (main reactor); returns its id.
-pub fn qpair_connected(rec: QpairRecord) -> u64 {
+fn qpair_connected(rec: QpairRecord) -> u64 {
     with_target(|t| {
         let q = &mut t.controllers;
         q.next_qpair += 1;
@@ -326,16 +356,19 @@ pub fn qpair_connected(rec: QpairRecord) -> u64 {
 
 /// Forgets a queue pair that closed (main reactor).
 pub fn qpair_closed(id: u64) {
-    with_target(|t| {
-        let c = &mut t.controllers;
-        if let Some(q) = c.qpairs.remove(&id) {
-            if q.qid != 0 {
-                if let Some(r) = c.live.get_mut(&q.cntlid) {
-                    r.io_qpairs = r.io_qpairs.saturating_sub(1);
-                }
+    with_target(|t| forget_qpair(&mut t.controllers, id))
+}
+
+/// Forgets queue pair `id` if still recorded (each closing reports it, and
+/// a change that closed it may have forgotten it first).
+pub fn forget_qpair(c: &mut Controllers, id: u64) {
+    if let Some(q) = c.qpairs.remove(&id) {
+        if q.qid != 0 {
+            if let Some(r) = c.live.get_mut(&q.cntlid) {
+                r.io_qpairs = r.io_qpairs.saturating_sub(1);
             }
         }
-    })
+    }
 }
 
 /// Queue pairs ever connected per core (`nvmf_get_stats`).
@@ -356,6 +389,10 @@ pub struct Controller {
     pub async_event_config: u32,
     /// Outstanding Asynchronous Event Requests (CIDs), answered on events.
     pub pending_aers: Vec<u16>,
+    /// The namespaces changed since the host was last told: the next AER
+    /// (held or coming) gets the namespace attribute notice. Changes
+    /// before the host hears of them are told once.
+    pub ns_notice_owed: bool,
     pub io_queues_granted: u32,
 }
 
@@ -390,6 +427,7 @@ impl Controller {
             csts: 0,
             async_event_config: 0,
             pending_aers: Vec::new(),
+            ns_notice_owed: false,
             io_queues_granted: 0,
         }
     }
@@ -608,6 +646,33 @@ impl Controller {
         let cid = self.pending_aers.pop()?;
         let mut c = Cqe::new(cid, Status::SUCCESS);
         c.set_dw0(dw0);
+        Some(c)
+    }
+
+    /// The subsystem's namespaces are at `generation` now: if that is not
+    /// what this controller has, takes the new list (`views`) and owes the
+    /// host the notice. Returns whether it changed.
+    pub fn namespaces_changed(
+        &mut self,
+        generation: u64,
+        views: impl FnOnce() -> Vec<NamespaceView>,
+    ) -> bool {
+        if generation == self.subsystem.ns_generation {
+            return false;
+        }
+        self.subsystem.namespaces = views();
+        self.subsystem.ns_generation = generation;
+        self.ns_notice_owed = true;
+        true
+    }
+
+    /// The namespace attribute notice, if owed and the host left an AER.
+    pub fn take_notice(&mut self) -> Option<Cqe> {
+        if !self.ns_notice_owed {
+            return None;
+        }
+        let c = self.complete_aer(AEN_NS_ATTRIBUTE_CHANGED)?;
+        self.ns_notice_owed = false;
         Some(c)
     }
 

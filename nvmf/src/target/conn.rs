@@ -12,17 +12,25 @@
 //! Nothing here blocks or allocates per I/O in steady state.
 //!
 //! A malformed PDU ends this connection with a C2HTermReq naming the fatal
-//! error status and field; nothing else is affected. Work that needs the
-//! main reactor (Connect, namespace views, namespace-change notices) runs
-//! as a task that writes its result back and wakes the loop.
+//! error status and field; nothing else is affected. Connect needs the main
+//! reactor: it runs as a task that writes its result back and wakes the
+//! loop. Namespaces come from the core's table (`changes.rs`), which the
+//! main reactor updates in place; an admin queue looks at it when kicked
+//! and before each command (Identify, the namespace-attribute notice).
+//!
+//! A closed connection whose commands are still at their bdevs keeps
+//! those slots (and their namespace holds) until the I/O comes back, so
+//! whoever closed it can wait for that ([`Connection::in_flight_done`]).
 
 use std::cell::{Cell, RefCell};
 use std::io::{IoSlice, IoSliceMut};
 use std::rc::Rc;
 
-use bdev::{IoBox, IoBuf, IoChannel, IoCompletion, IoType, SharedBuf};
+use bdev::{IoBox, IoBuf, IoCompletion, IoType, SharedBuf};
+use reactor::{CompletionEvent, CompletionSender};
 
 use super::admin::{self, AdminOutcome, Controller, SubsystemView};
+use super::changes::{self, Attachment, NsUse};
 use super::io::{self, opc, Transfer};
 use super::poll_group;
 use super::recv_buf::RecvBuf;
@@ -72,12 +80,11 @@ struct QpairGuard {
 
 impl Drop for QpairGuard {
     fn drop(&mut self) {
-        poll_group::forget_qpair(self.id);
         let (id, cntlid) = (self.id, self.cntlid);
         reactor::send(reactor::main_core(), move || {
             admin::qpair_closed(id);
             if let Some(c) = cntlid {
-                admin::destroy(c);
+                admin::destroy(c, id);
             }
         });
     }
@@ -85,10 +92,11 @@ impl Drop for QpairGuard {
 
 /// An I/O queue's state.
 struct IoQueue {
+    /// The subsystem's settings as of Connect (its namespaces are in
+    /// `subsystem`).
     view: SubsystemView,
-    hostnqn: String,
-    /// This core's channel of each namespace's bdev, by nsid.
-    channels: Vec<(u32, IoChannel)>,
+    /// The subsystem's namespaces on this core.
+    subsystem: Attachment,
     reqs: RequestTable,
     /// Slots the host's queue size allows.
     entries: usize,
@@ -96,13 +104,9 @@ struct IoQueue {
 }
 
 impl IoQueue {
-    fn set_view(&mut self, view: SubsystemView) {
-        self.channels = view
-            .namespaces
-            .iter()
-            .map(|n| (n.nsid, n.bdev.get_channel()))
-            .collect();
-        self.view = view;
+    /// The queue is closing: its slots are all that stays.
+    fn into_reqs(self) -> RequestTable {
+        self.reqs
     }
 }
 
@@ -113,6 +117,8 @@ enum Queue {
     Connecting,
     Admin {
         ctrl: Box<Controller>,
+        /// The subsystem's namespaces on this core (none for discovery).
+        attach: Option<Attachment>,
         _guard: QpairGuard,
     },
     Io(Box<IoQueue>),
@@ -163,10 +169,11 @@ struct ConnState {
     last_rx_tick: u64,
     /// The socket is watched for room to write.
     out_blocked: bool,
-    /// A namespace watch or view refresh task is running.
-    ns_watch: bool,
-    view_refresh: bool,
     closed: bool,
+    /// Closed: the slots whose I/O is still at the bdev, and who waits for
+    /// them to come back.
+    orphans: Option<RequestTable>,
+    orphan_waiters: Vec<CompletionSender<()>>,
     /// Scratch for draining completions without allocating.
     done: Vec<IoBox>,
 }
@@ -230,9 +237,9 @@ impl Connection {
                 send: SendQueue::with_capacity(64 * 1024, 256),
                 last_rx_tick: reactor::ticks::now(),
                 out_blocked: false,
-                ns_watch: false,
-                view_refresh: false,
                 closed: false,
+                orphans: None,
+                orphan_waiters: Vec::new(),
                 done: Vec::with_capacity(256),
             }),
             completions: RefCell::new(Vec::with_capacity(256)),
@@ -242,6 +249,30 @@ impl Connection {
 
     pub fn is_closed(&self) -> bool {
         self.state.borrow().closed
+    }
+
+    /// Closed, and none of its I/O is at a bdev any more: it can go.
+    pub fn is_finished(&self) -> bool {
+        let st = self.state.borrow();
+        st.closed && st.orphans.is_none()
+    }
+
+    /// For a closed connection with I/O still at its bdevs: an event fired
+    /// when the last of it is back.
+    pub fn in_flight_done(&self) -> Option<CompletionEvent<()>> {
+        let mut st = self.state.borrow_mut();
+        st.orphans.as_ref()?;
+        let (tx, rx) = reactor::completion();
+        st.orphan_waiters.push(tx);
+        Some(rx)
+    }
+
+    /// Whether a command of this connection holds namespace `instance`.
+    pub fn holds_namespace(&self, instance: u64) -> bool {
+        match &self.state.borrow().queue {
+            Queue::Io(q) => q.reqs.holds(instance),
+            _ => false,
+        }
     }
 
     /// The socket has something: receive it all and handle every complete
@@ -291,9 +322,10 @@ impl Connection {
     /// Turns finished I/O into responses and sends what is queued.
     /// Returns whether it did anything.
     pub fn service(self: &Rc<Self>) -> bool {
-        let mut work = self.kicked.replace(false);
+        let kicked = self.kicked.replace(false);
+        let mut work = kicked;
         let mut st = self.state.borrow_mut();
-        if st.closed {
+        if st.closed && st.orphans.is_none() {
             return work;
         }
         let mut done = std::mem::take(&mut st.done);
@@ -301,10 +333,20 @@ impl Connection {
         if !done.is_empty() {
             work = true;
             for io in done.drain(..) {
-                st.io_completed(self, io);
+                if st.closed {
+                    st.orphan_completed(io);
+                } else {
+                    st.io_completed(self, io);
+                }
             }
         }
         st.done = done;
+        if st.closed {
+            return work;
+        }
+        if kicked {
+            st.sync_admin();
+        }
         if !st.send.is_empty() {
             work = true;
             if let Err(e) = st.flush() {
@@ -335,7 +377,12 @@ impl Connection {
         poll_group::unwatch(st.sock.fd());
         st.sock.shutdown();
         st.send.clear(|_| {});
-        st.queue = Queue::Unconnected;
+        // Dropping the queue tells the main reactor (and detaches it from
+        // the namespace table); commands still at a bdev stay behind.
+        if let Queue::Io(q) = std::mem::replace(&mut st.queue, Queue::Unconnected) {
+            let reqs = q.into_reqs();
+            st.orphans = st.orphan(reqs);
+        }
         poll_group::reap_later();
     }
 
@@ -374,14 +421,78 @@ impl Connection {
     }
 
     /// Marks the connection as having work and wakes the reactor (for
-    /// tasks that changed its state).
-    fn kick(&self) {
+    /// tasks that changed its state, and namespace changes).
+    pub(crate) fn kick(&self) {
         self.kicked.set(true);
         reactor::wake_loop();
     }
 }
 
 impl ConnState {
+    /// A closing I/O queue's slots: frees those not at a bdev and keeps
+    /// the rest (with their namespace holds and receive-buffer pins) until
+    /// their I/O is back. None if nothing is in flight.
+    fn orphan(&mut self, mut reqs: RequestTable) -> Option<RequestTable> {
+        let mut kept = 0;
+        for i in 0..reqs.capacity() as u16 {
+            let Some(r) = reqs.get_mut(i) else { continue };
+            match r.state {
+                SlotState::Free => continue,
+                SlotState::Executing if r.outstanding > 0 => {
+                    kept += 1;
+                    continue;
+                }
+                _ => {}
+            }
+            // Releasing drops the slot's receive-block view (its pin).
+            reqs.release(i);
+        }
+        (kept > 0).then_some(reqs)
+    }
+
+    /// A bdev I/O of a closed connection came back: its slot is freed
+    /// once all of its command's I/O is, and the waiters told when the
+    /// last one is.
+    fn orphan_completed(&mut self, io: IoBox) {
+        let Some(reqs) = &mut self.orphans else {
+            return;
+        };
+        let i = io.tag as u16;
+        // The I/O may hold a view of a receive block: gone with it.
+        drop(io);
+        if let Some(r) = reqs.get_mut(i).filter(|r| r.state == SlotState::Executing) {
+            r.outstanding = r.outstanding.saturating_sub(1);
+            if r.outstanding == 0 {
+                reqs.release(i);
+            }
+        }
+        if reqs.in_use() == 0 {
+            self.orphans = None;
+            for tx in self.orphan_waiters.drain(..) {
+                tx.complete(());
+            }
+            poll_group::reap_later();
+        }
+    }
+
+    /// An admin queue takes its subsystem's current namespaces (for
+    /// Identify) and, if they changed, answers a held AER with the
+    /// namespace attribute notice (or owes it to the next AER).
+    fn sync_admin(&mut self) {
+        let Queue::Admin {
+            ctrl,
+            attach: Some(a),
+            ..
+        } = &mut self.queue
+        else {
+            return;
+        };
+        ctrl.namespaces_changed(a.generation(), || a.views());
+        if let Some(c) = ctrl.take_notice() {
+            push_capsule_resp(&mut self.send, &c, self.digests);
+        }
+    }
+
     /// One `readv`; returns (bytes received, bytes asked for).
     fn receive(&mut self) -> Result<(usize, usize), Ending> {
         // A large payload with nothing buffered ahead of it goes straight
@@ -654,17 +765,18 @@ impl ConnState {
                 cqe(sqe.cid(), Status::generic(sc::COMMAND_SEQUENCE_ERROR)),
                 &[],
             ),
-            Queue::Admin { ctrl, .. } => {
+            Queue::Admin { ctrl, attach, .. } => {
+                if let Some(a) = attach {
+                    ctrl.namespaces_changed(a.generation(), || a.views());
+                }
                 let out = if fabrics {
                     ctrl.fabrics(&sqe)
                 } else {
                     ctrl.admin(&sqe)
                 };
-                let watch = !ctrl.pending_aers.is_empty();
                 self.respond_outcome(&sqe, out);
-                if watch {
-                    self.watch_namespaces(conn);
-                }
+                // An AER just held may be owed the notice already.
+                self.sync_admin();
             }
             Queue::Io(_) if fabrics => self.respond(
                 &sqe,
@@ -747,24 +859,18 @@ impl ConnState {
             }
         };
         self.queue = Queue::Connecting;
-        let (local, peer) = (self.sock.local, self.sock.peer);
-        let core = reactor::current_core().0;
+        let site = admin::QueueSite {
+            local: self.sock.local,
+            peer: self.sock.peer,
+            core: reactor::current_core().0,
+            token: self.token,
+        };
+        let peer = site.peer;
         let hostnqn = cdata.hostnqn.clone();
         let weak = Rc::downgrade(conn);
         spawn_after_poll(async move {
             let result = reactor::call(reactor::main_core(), move || {
-                admin::connect(&cmd, &cdata, local).map(|(cntlid, view)| {
-                    let id = admin::qpair_connected(admin::QpairRecord {
-                        cntlid,
-                        qid: cmd.qid,
-                        subnqn: cdata.subnqn.clone(),
-                        hostnqn: cdata.hostnqn.clone(),
-                        core,
-                        listen: local,
-                        peer,
-                    });
-                    (cntlid, view, id)
-                })
+                admin::connect(&cmd, &cdata, site)
             })
             .await;
             // Registered from here on: dropping the guard (even unused,
@@ -794,29 +900,32 @@ impl ConnState {
                         cmd.kato_ms,
                         view.nqn
                     );
-                    poll_group::remember_qpair(guard.id, conn.token);
                     if cmd.qid == 0 {
                         poll_group::keep_alive_changed();
+                        let attach = (!view.discovery).then(|| changes::attach(&view, false));
+                        let mut ctrl = Controller::new(cntlid, hostnqn, view, cmd.kato_ms);
+                        if let Some(a) = &attach {
+                            // A change that overtook this Connect: the
+                            // host learns the list by Identify, no notice.
+                            ctrl.namespaces_changed(a.generation(), || a.views());
+                            ctrl.ns_notice_owed = false;
+                        }
                         st.queue = Queue::Admin {
-                            ctrl: Box::new(Controller::new(cntlid, hostnqn, view, cmd.kato_ms)),
+                            ctrl: Box::new(ctrl),
+                            attach,
                             _guard: guard,
                         };
                     } else {
                         let entries = cmd.sqsize as usize + 1;
                         let icd = view.in_capsule_data_size as usize;
                         st.rx.grow(icd.max(ADMIN_IN_CAPSULE_BYTES) + RX_SLACK);
-                        let mut q = IoQueue {
-                            view: SubsystemView {
-                                namespaces: Vec::new(),
-                                ..view.clone()
-                            },
-                            hostnqn,
-                            channels: Vec::new(),
+                        let q = IoQueue {
+                            subsystem: changes::attach(&view, true),
+                            view: view.without_namespaces(),
                             reqs: RequestTable::new(entries * SLOT_OVERCOMMIT),
                             entries,
                             _guard: guard,
                         };
-                        q.set_view(view);
                         st.queue = Queue::Io(Box::new(q));
                     }
                     let mut c = cqe(cid, Status::SUCCESS);
@@ -839,117 +948,6 @@ impl ConnState {
         });
     }
 
-    /// While the host holds AERs: a task waits for the subsystem's
-    /// namespaces to change, then answers one AER with the namespace
-    /// attribute notice (and watches again if more are held).
-    fn watch_namespaces(&mut self, conn: &Rc<Connection>) {
-        let Queue::Admin { ctrl: c, .. } = &self.queue else {
-            return;
-        };
-        if self.ns_watch || c.pending_aers.is_empty() {
-            return;
-        }
-        self.ns_watch = true;
-        let (cntlid, nqn, host, seen) = (
-            c.cntlid,
-            c.subsystem.nqn.clone(),
-            c.hostnqn.clone(),
-            c.subsystem.ns_generation,
-        );
-        let weak = Rc::downgrade(conn);
-        spawn_after_poll(async move {
-            let (n, h) = (nqn.clone(), host.clone());
-            let watch = reactor::call(reactor::main_core(), move || {
-                admin::watch_namespaces(cntlid, &n, &h, seen)
-            })
-            .await;
-            let view = match watch {
-                Ok(Ok(view)) => Some(view),
-                // Resolves when the namespaces change; dropped (an error)
-                // when the controller goes away.
-                Ok(Err(Some(rx))) => match rx.await {
-                    Ok(()) => reactor::call(reactor::main_core(), move || {
-                        admin::current_view(&nqn, &host)
-                    })
-                    .await
-                    .ok()
-                    .flatten(),
-                    Err(_) => None,
-                },
-                _ => None,
-            };
-            let Some(conn) = weak.upgrade() else { return };
-            let mut st = conn.state.borrow_mut();
-            st.ns_watch = false;
-            let Some(view) = view else { return };
-            if st.closed {
-                return;
-            }
-            let mut more = false;
-            let mut notice = None;
-            if let Queue::Admin { ctrl: c, .. } = &mut st.queue {
-                c.subsystem = view;
-                notice = c.complete_aer(admin::AEN_NS_ATTRIBUTE_CHANGED);
-                more = !c.pending_aers.is_empty();
-            }
-            if let Some(c) = notice {
-                let digests = st.digests;
-                push_capsule_resp(&mut st.send, &c, digests);
-            }
-            if more {
-                st.watch_namespaces(&conn);
-            }
-            drop(st);
-            conn.kick();
-        });
-    }
-
-    /// A command names a namespace this queue's view lacks (added since
-    /// Connect): fetch a fresh view, then restart the commands waiting.
-    fn refresh_view(&mut self, conn: &Rc<Connection>) {
-        let Queue::Io(q) = &self.queue else { return };
-        if self.view_refresh {
-            return;
-        }
-        self.view_refresh = true;
-        let (nqn, host) = (q.view.nqn.clone(), q.hostnqn.clone());
-        let weak = Rc::downgrade(conn);
-        spawn_after_poll(async move {
-            let view = reactor::call(reactor::main_core(), move || {
-                admin::current_view(&nqn, &host)
-            })
-            .await
-            .ok()
-            .flatten();
-            let Some(conn) = weak.upgrade() else { return };
-            let mut st = conn.state.borrow_mut();
-            st.view_refresh = false;
-            if st.closed {
-                return;
-            }
-            let waiting: Vec<u16> = match &mut st.queue {
-                Queue::Io(q) => {
-                    if let Some(v) = view {
-                        q.set_view(v);
-                    }
-                    let w: Vec<u16> = q.reqs.awaiting_view().collect();
-                    for &i in &w {
-                        if let Some(r) = q.reqs.get_mut(i) {
-                            r.view_refreshed = true;
-                        }
-                    }
-                    w
-                }
-                _ => Vec::new(),
-            };
-            for i in waiting {
-                st.start_io(&conn, i);
-            }
-            drop(st);
-            conn.kick();
-        });
-    }
-
     /// Starts the I/O command in slot `i` (its in-capsule data, if any,
     /// already in the slot's buffer).
     fn start_io(&mut self, conn: &Rc<Connection>, i: u16) {
@@ -958,17 +956,15 @@ impl ConnState {
         };
         let Some(r) = q.reqs.get_mut(i) else { return };
         let sqe = r.sqe;
-        let ns = q.view.namespaces.iter().find(|n| n.nsid == sqe.nsid());
-        if ns.is_none() && !r.view_refreshed && sqe.nsid() != 0 {
-            r.state = SlotState::AwaitingView;
-            self.refresh_view(conn);
-            return;
-        }
-        let plan = match io::plan(&sqe, ns, q.view.max_io_size) {
+        let Some(ns) = q.subsystem.namespace(sqe.nsid()) else {
+            return self.complete(i, Status::generic(sc::INVALID_NAMESPACE).dnr());
+        };
+        let plan = match io::plan(&sqe, Some(&ns.view), q.view.max_io_size) {
             Ok(p) => p,
             Err(st) => return self.complete(i, st),
         };
         r.plan = Some(plan);
+        r.ns_instance = ns.instance();
         match plan.transfer {
             Transfer::ToController(len) if r.received > 0 => {
                 if r.received < len {
@@ -979,9 +975,12 @@ impl ConnState {
                 } else if let Some(v) = r.in_place.slice(0, len) {
                     r.in_place = v;
                 }
+                r.ns = Some(NsUse::new(ns));
                 self.execute(conn, i);
             }
             Transfer::ToController(len) => {
+                // Waiting for the host holds nothing: the namespace is
+                // looked up again when the data is in.
                 // Ask for the data: one R2T for the whole transfer (MAXH2CDATA
                 // is the largest transfer we accept), tagged with the slot.
                 r.buf.resize(len);
@@ -998,9 +997,13 @@ impl ConnState {
             }
             Transfer::ToHost(len) => {
                 r.buf.resize(len);
+                r.ns = Some(NsUse::new(ns));
                 self.execute(conn, i);
             }
-            Transfer::None => self.execute(conn, i),
+            Transfer::None => {
+                r.ns = Some(NsUse::new(ns));
+                self.execute(conn, i);
+            }
         }
     }
 
@@ -1121,15 +1124,26 @@ impl ConnState {
         };
         let Some(r) = q.reqs.get_mut(i) else { return };
         let Some(plan) = r.plan else { return };
+        let opcode = r.sqe.opcode();
+        if r.ns.is_none() {
+            // Its data came by R2T: the namespace must still be the one
+            // the command was planned against.
+            let ns = q
+                .subsystem
+                .namespace(r.sqe.nsid())
+                .filter(|n| n.instance() == r.ns_instance);
+            let Some(ns) = ns else {
+                return self.complete(i, Status::generic(sc::INVALID_NAMESPACE).dnr());
+            };
+            r.ns = Some(NsUse::new(ns));
+        }
         let Some(io_type) = plan.io_type else {
             return self.complete(i, Status::SUCCESS);
         };
-        let nsid = r.sqe.nsid();
-        let opcode = r.sqe.opcode();
-        // Field access, not a method: `r` borrows `q.reqs` meanwhile.
-        let Some(ch) = q.channels.iter().find(|(n, _)| *n == nsid).map(|(_, c)| c) else {
+        let Some(ch) = r.ns.as_ref().map(|n| n.channel()) else {
             return self.complete(i, Status::generic(sc::INVALID_NAMESPACE).dnr());
         };
+        let ch = &ch;
         r.state = SlotState::Executing;
         let cb: Rc<dyn IoCompletion> = conn.clone();
         let submit = |io_type, slba, nlb, buf| {

@@ -12,9 +12,14 @@
 //! - An on-demand poller enforces keep-alive timeouts, woken at the
 //!   earliest deadline (and when an admin queue connects), never otherwise.
 //!
-//! Invariants: a connection lives on one core from accept to close; every
-//! map here is touched only by this core's thread; no borrow of the group
-//! is held while a connection runs (connections call back in to close).
+//! - The main reactor reaches a connection by its token (recorded with its
+//!   queue pair at Connect): to close it when its host loses access, or to
+//!   kick its admin queue after a namespace change (`changes.rs`).
+//!
+//! Invariants: a connection lives on one core from accept until it is
+//! closed and its last bdev I/O is back; every map here is touched only by
+//! this core's thread; no borrow of the group is held while a connection
+//! runs (connections call back in to close).
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
@@ -38,8 +43,6 @@ struct PollGroup {
     conns: RefCell<HashMap<u64, Rc<Connection>>>,
     ready: RefCell<ReadySet>,
     next_token: Cell<u64>,
-    /// Connected queue pairs on this core: qpair id → connection token.
-    qpairs: RefCell<HashMap<u64, u64>>,
     /// Some connection closed; drop it from `conns` after this turn.
     reap: Cell<bool>,
     /// The wake-up poll on the epoll descriptor is wanted or armed.
@@ -70,7 +73,6 @@ fn group() -> Rc<PollGroup> {
                 conns: RefCell::new(HashMap::new()),
                 ready: RefCell::new(ready),
                 next_token: Cell::new(1),
-                qpairs: RefCell::new(HashMap::new()),
                 reap: Cell::new(false),
                 arm: Cell::new(false),
                 arm_waker: RefCell::new(None),
@@ -177,7 +179,7 @@ impl PollGroup {
         drop(tokens);
         busy |= self.service_all();
         if self.reap.replace(false) {
-            self.conns.borrow_mut().retain(|_, c| !c.is_closed());
+            self.conns.borrow_mut().retain(|_, c| !c.is_finished());
         }
         busy
     }
@@ -278,27 +280,49 @@ pub(crate) fn keep_alive_changed() {
     });
 }
 
-pub(crate) fn remember_qpair(id: u64, token: u64) {
-    group().qpairs.borrow_mut().insert(id, token);
-}
-
-pub(crate) fn forget_qpair(id: u64) {
+/// This core's connections (a snapshot: none borrowed while they run).
+fn connections() -> Vec<Rc<Connection>> {
     GROUP.with(|g| {
-        if let Some(g) = g.get() {
-            g.qpairs.borrow_mut().remove(&id);
-        }
-    });
+        g.get()
+            .map(|g| g.conns.borrow().values().cloned().collect())
+            .unwrap_or_default()
+    })
 }
 
-/// Closes queue pair `id` if it is still connected on this core (its
-/// controller is being torn down).
-pub fn shutdown_qpair(id: u64) {
-    let conn = GROUP.with(|g| {
-        let g = g.get()?;
-        let token = *g.qpairs.borrow().get(&id)?;
-        g.conns.borrow().get(&token).cloned()
+/// Closes the connections with these tokens (whatever state their queue
+/// is in, Connect still running included). Returns, for each whose bdev
+/// I/O is still in flight, an event fired when it is all back.
+pub fn close_connections(tokens: &[u64], why: &str) -> Vec<reactor::CompletionEvent<()>> {
+    let conns: Vec<Rc<Connection>> = GROUP.with(|g| {
+        g.get()
+            .map(|g| {
+                let c = g.conns.borrow();
+                tokens.iter().filter_map(|t| c.get(t).cloned()).collect()
+            })
+            .unwrap_or_default()
     });
-    if let Some(c) = conn {
-        c.close("controller destroyed");
+    conns
+        .iter()
+        .filter_map(|c| {
+            c.close(why);
+            c.in_flight_done()
+        })
+        .collect()
+}
+
+/// Closes the connections holding commands to namespace `instance`.
+pub fn close_holding(instance: u64, why: &str) {
+    for c in connections() {
+        if c.holds_namespace(instance) {
+            c.close(why);
+        }
+    }
+}
+
+/// Gives every connection a turn of `service` (admin queues look for
+/// namespace changes then).
+pub fn kick_all() {
+    for c in connections() {
+        c.kick();
     }
 }

@@ -7,23 +7,24 @@
 //! ```text
 //! Free -> (in-capsule data or none) -> Executing -> Free | Sending -> Free
 //!      -> AwaitingData (R2T sent) -> Executing ...
-//!      -> AwaitingView (unknown namespace: view being refreshed) -> ...
 //! ```
 //!
 //! `Sending`: the response is queued and its data still referenced by the
 //! send queue; the slot is freed when that data has left.
+//! From `Executing` until it is free again a slot holds its namespace
+//! (`ns`), which is what a namespace removal waits for (`changes.rs`).
 //! The slot index is the R2T's transfer tag, so an H2CData finds its slot
 //! without a search.
 
 use bdev::{IoBuf, SharedBuf};
 
+use super::changes::NsUse;
 use super::io::IoPlan;
 use crate::wire::nvme::{Sqe, Status};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SlotState {
     Free,
-    AwaitingView,
     AwaitingData,
     Executing,
     Sending,
@@ -48,8 +49,10 @@ pub struct Request {
     /// Bdev I/Os in flight for this command (DSM: one per range).
     pub outstanding: u32,
     pub status: Status,
-    /// Waited once for a fresh namespace view already.
-    pub view_refreshed: bool,
+    /// The namespace the command was planned against (its instance), and
+    /// its hold on it while at the bdev or sending its data.
+    pub ns_instance: u64,
+    pub ns: Option<NsUse>,
 }
 
 impl Request {
@@ -65,7 +68,8 @@ impl Request {
             received: 0,
             outstanding: 0,
             status: Status::SUCCESS,
-            view_refreshed: false,
+            ns_instance: 0,
+            ns: None,
         }
     }
 }
@@ -100,7 +104,7 @@ impl RequestTable {
         r.received = 0;
         r.outstanding = 0;
         r.status = Status::SUCCESS;
-        r.view_refreshed = false;
+        debug_assert!(r.ns.is_none());
         Some(i)
     }
 
@@ -111,6 +115,7 @@ impl RequestTable {
         r.plan = None;
         r.lent = SharedBuf::empty();
         r.in_place = SharedBuf::empty();
+        r.ns = None;
         if r.buf.capacity() > KEPT_BUF_BYTES {
             r.buf = IoBuf::empty();
         }
@@ -128,13 +133,16 @@ impl RequestTable {
         self.slots.get_mut(i as usize)
     }
 
-    /// Slots waiting for a namespace view.
-    pub fn awaiting_view(&self) -> impl Iterator<Item = u16> + '_ {
+    /// How many slots there are (indices `0..capacity`).
+    pub fn capacity(&self) -> usize {
+        self.slots.len()
+    }
+
+    /// Whether a command holds namespace `instance`.
+    pub fn holds(&self, instance: u64) -> bool {
         self.slots
             .iter()
-            .enumerate()
-            .filter(|(_, r)| r.state == SlotState::AwaitingView)
-            .map(|(i, _)| i as u16)
+            .any(|r| r.ns.as_ref().is_some_and(|n| n.instance() == instance))
     }
 
     /// What a read sends: the lent view if the bdev lent one, else `buf`.

@@ -1,5 +1,7 @@
 //! The nvmf RPC methods, with SPDK's names and parameters, and the `nvmf`
-//! section of `save_config`.
+//! section of `save_config`. Methods that take something away from hosts
+//! (a namespace, a subsystem, a host's access) or add a namespace return
+//! only once that is in effect on every core (`changes.rs`).
 
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -8,6 +10,7 @@ use uuid::Uuid;
 use bdev::rpc::{RpcError, RpcTable, StateMask};
 use bdev::BdevError;
 
+use super::changes;
 use super::subsystem::{
     change_target, open_namespace_bdev, parse_hex16, validate_nqn, with_target, BoundListener,
     ListenAddress, Namespace, Subsystem, TransportOpts, DEFAULT_MAX_CNTLID, DEFAULT_MAX_NAMESPACES,
@@ -132,6 +135,7 @@ fn create_subsystem(p: CreateSubsystemParams) -> Result<Value, RpcError> {
         if t.subsystems.contains_key(&p.nqn) || t.reserved.contains(&p.nqn) {
             return Err(BdevError::Exists(p.nqn.clone()).into());
         }
+        let generation = t.next_generation();
         t.subsystems.insert(
             p.nqn.clone(),
             Subsystem {
@@ -150,7 +154,7 @@ fn create_subsystem(p: CreateSubsystemParams) -> Result<Value, RpcError> {
                 hosts: Vec::new(),
                 listeners: Vec::new(),
                 namespaces: Default::default(),
-                ns_generation: 0,
+                ns_generation: generation,
             },
         );
         Ok(json!(true))
@@ -166,16 +170,26 @@ async fn close_released(released: Vec<BoundListener>) -> Result<Value, RpcError>
     Ok(json!(true))
 }
 
+/// Deletes a subsystem: gone from the table (no new Connect), then every
+/// queue of it closed and its in-flight I/O completed, then its namespaces
+/// gone from every core, then their descriptors closed.
 async fn delete_subsystem(p: NqnParams) -> Result<Value, RpcError> {
     if p.nqn == DISCOVERY_NQN {
         return Err(invalid("the discovery subsystem cannot be deleted".into()));
     }
-    let released = change_target(|t| {
-        t.subsystems
+    let _lock = changes::lock().await;
+    let (sub, generation, released) = change_target(|t| {
+        let sub = t
+            .subsystems
             .remove(&p.nqn)
             .ok_or_else(|| BdevError::NoDevice(p.nqn.clone()))?;
-        Ok::<_, RpcError>(t.release_unused())
+        let generation = t.next_generation();
+        Ok::<_, RpcError>((sub, generation, t.release_unused()))
     })?;
+    changes::disconnect(&p.nqn, "subsystem deleted").await;
+    let instances = sub.namespaces.values().map(|n| n.instance).collect();
+    changes::publish(&p.nqn, generation, None, instances).await;
+    drop(sub);
     close_released(released).await
 }
 
@@ -226,7 +240,7 @@ async fn remove_listener(p: ListenerParams) -> Result<Value, RpcError> {
     close_released(released).await
 }
 
-fn add_ns(p: AddNsParams) -> Result<Value, RpcError> {
+async fn add_ns(p: AddNsParams) -> Result<Value, RpcError> {
     let ns = p.namespace;
     let nguid = match &ns.nguid {
         Some(h) => Some(parse_hex16(h).ok_or_else(|| {
@@ -236,7 +250,9 @@ fn add_ns(p: AddNsParams) -> Result<Value, RpcError> {
         })?),
         None => None,
     };
-    let nsid = with_target(|t| {
+    let _lock = changes::lock().await;
+    let (nsid, instance) = with_target(|t| {
+        let instance = t.next_instance();
         let s = t.subsystem(&p.nqn)?;
         if s.discovery {
             return Err(invalid("the discovery subsystem has no namespaces".into()));
@@ -257,40 +273,38 @@ fn add_ns(p: AddNsParams) -> Result<Value, RpcError> {
         if s.namespaces.contains_key(&nsid) {
             return Err(BdevError::Exists(format!("nsid {nsid}")).into());
         }
-        Ok::<u32, RpcError>(nsid)
+        Ok::<_, RpcError>((nsid, instance))
     })?;
-    let desc = open_namespace_bdev(&p.nqn, nsid, &ns.bdev_name)?;
+    let desc = open_namespace_bdev(&p.nqn, nsid, instance, &ns.bdev_name)?;
     let uuid = ns.uuid.unwrap_or_else(|| desc.bdev().uuid());
     let nguid = nguid.unwrap_or(*uuid.as_bytes());
-    with_target(|t| {
+    // Under the change lock nothing else changed the namespaces meanwhile.
+    let (generation, views) = with_target(|t| {
+        let generation = t.next_generation();
         let s = t.subsystem(&p.nqn)?;
-        if s.namespaces.contains_key(&nsid) {
-            return Err(BdevError::Exists(format!("nsid {nsid}")).into());
-        }
         s.namespaces.insert(
             nsid,
             Namespace {
                 nsid,
+                instance,
                 bdev_name: desc.bdev().name().to_string(),
                 uuid,
                 nguid,
                 desc,
             },
         );
-        t.namespaces_changed(&p.nqn);
-        Ok(json!(nsid))
-    })
+        s.ns_generation = generation;
+        Ok::<_, RpcError>((generation, s.namespace_views()))
+    })?;
+    // Usable on every core (and announced) when this returns.
+    changes::publish(&p.nqn, generation, Some(views), Vec::new()).await;
+    Ok(json!(nsid))
 }
 
-fn remove_ns(p: RemoveNsParams) -> Result<Value, RpcError> {
-    with_target(|t| {
-        t.subsystem(&p.nqn)?
-            .namespaces
-            .remove(&p.nsid)
-            .ok_or_else(|| BdevError::NoDevice(format!("nsid {}", p.nsid)))?;
-        t.namespaces_changed(&p.nqn);
-        Ok(json!(true))
-    })
+async fn remove_ns(p: RemoveNsParams) -> Result<Value, RpcError> {
+    let _lock = changes::lock().await;
+    changes::remove_namespace(&p.nqn, p.nsid, None).await?;
+    Ok(json!(true))
 }
 
 fn add_host(p: HostParams) -> Result<Value, RpcError> {
@@ -305,16 +319,35 @@ fn add_host(p: HostParams) -> Result<Value, RpcError> {
     })
 }
 
-fn remove_host(p: HostParams) -> Result<Value, RpcError> {
+/// Removes a host from the list; unless any host is allowed, its queues
+/// are closed (and their in-flight I/O completed) before this returns.
+async fn remove_host(p: HostParams) -> Result<Value, RpcError> {
+    let _lock = changes::lock().await;
     change_target(|t| {
         let s = t.subsystem(&p.nqn)?;
         let before = s.hosts.len();
         s.hosts.retain(|h| h != &p.host);
         if before == s.hosts.len() {
-            return Err(BdevError::NoDevice(p.host.clone()).into());
+            return Err(RpcError::from(BdevError::NoDevice(p.host.clone())));
         }
-        Ok(json!(true))
-    })
+        Ok(())
+    })?;
+    changes::disconnect(&p.nqn, "host removed from the subsystem").await;
+    Ok(json!(true))
+}
+
+/// Turning allow_any_host off closes the queues of every host not in the
+/// list before this returns.
+async fn allow_any_host(p: AllowAnyHostParams) -> Result<Value, RpcError> {
+    let _lock = changes::lock().await;
+    change_target(|t| {
+        t.subsystem(&p.nqn)?.allow_any_host = p.allow_any_host;
+        Ok::<_, RpcError>(())
+    })?;
+    if !p.allow_any_host {
+        changes::disconnect(&p.nqn, "allow_any_host turned off").await;
+    }
+    Ok(json!(true))
 }
 
 /// The `nvmf` section of `save_config`, in SPDK's order: transport, then
@@ -482,9 +515,7 @@ pub fn register(table: &mut RpcTable) {
             })
         },
     );
-    table.register_with("nvmf_subsystem_add_ns", m, |p: AddNsParams| async move {
-        add_ns(p)
-    });
+    table.register_with("nvmf_subsystem_add_ns", m, add_ns);
     table.register_with(
         "nvmf_subsystem_get_controllers",
         m,
@@ -494,27 +525,10 @@ pub fn register(table: &mut RpcTable) {
         get_qpairs(p)
     });
     table.register("nvmf_get_stats", m, |_p| get_stats());
-    table.register_with(
-        "nvmf_subsystem_remove_ns",
-        m,
-        |p: RemoveNsParams| async move { remove_ns(p) },
-    );
+    table.register_with("nvmf_subsystem_remove_ns", m, remove_ns);
     table.register_with("nvmf_subsystem_add_host", m, |p: HostParams| async move {
         add_host(p)
     });
-    table.register_with(
-        "nvmf_subsystem_remove_host",
-        m,
-        |p: HostParams| async move { remove_host(p) },
-    );
-    table.register_with(
-        "nvmf_subsystem_allow_any_host",
-        m,
-        |p: AllowAnyHostParams| async move {
-            with_target(|t| {
-                t.subsystem(&p.nqn)?.allow_any_host = p.allow_any_host;
-                Ok(json!(true))
-            })
-        },
-    );
+    table.register_with("nvmf_subsystem_remove_host", m, remove_host);
+    table.register_with("nvmf_subsystem_allow_any_host", m, allow_any_host);
 }

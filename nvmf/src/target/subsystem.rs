@@ -3,7 +3,10 @@
 //!
 //! Invariants: NQNs are unique; the discovery subsystem always exists and
 //! cannot be deleted; a namespace holds an open descriptor on its bdev, and
-//! when the bdev goes away the namespace is removed; a listener address is
+//! when the bdev goes away the namespace is removed (`changes.rs`: the
+//! descriptor closes once no core has I/O to it in flight); every change to
+//! a subsystem's namespaces stamps it with a new generation from one
+//! target-wide counter; a listener address is
 //! bound (so a second user of the port fails at once) and released when
 //! the last subsystem stops listening on it. Creates are atomic: a failed
 //! one leaves nothing behind.
@@ -164,6 +167,8 @@ impl ListenAddress {
 
 pub struct Namespace {
     pub nsid: u32,
+    /// Unique per add (see `NamespaceView::instance`).
+    pub instance: u64,
     pub bdev_name: String,
     pub uuid: Uuid,
     pub nguid: [u8; 16],
@@ -182,7 +187,8 @@ pub struct Subsystem {
     pub hosts: Vec<String>,
     pub listeners: Vec<ListenAddress>,
     pub namespaces: BTreeMap<u32, Namespace>,
-    /// Bumped whenever a namespace is added or removed.
+    /// The target's generation at the last change of `namespaces` (or at
+    /// creation): what the cores' copies are compared by.
     pub ns_generation: u64,
 }
 
@@ -204,9 +210,27 @@ impl Subsystem {
         }
     }
 
-    /// Whether `hostnqn` may connect (access control, SPDK's rules).
+    /// Whether `hostnqn` may connect (access control, SPDK's rules: with
+    /// allow_any_host even an empty host NQN may, as SPDK's initiator
+    /// sends when none is configured; otherwise it must be listed).
     pub fn host_allowed(&self, hostnqn: &str) -> bool {
         self.allow_any_host || self.hosts.iter().any(|h| h == hostnqn)
+    }
+
+    /// The namespaces as queues see them.
+    pub fn namespace_views(&self) -> Vec<super::admin::NamespaceView> {
+        self.namespaces
+            .values()
+            .map(|n| super::admin::NamespaceView {
+                nsid: n.nsid,
+                instance: n.instance,
+                bdev: n.desc.bdev().clone(),
+                num_blocks: n.desc.bdev().num_blocks(),
+                block_size: n.desc.bdev().block_size(),
+                nguid: n.nguid,
+                uuid: *n.uuid.as_bytes(),
+            })
+            .collect()
     }
 
     pub fn to_json(&self) -> Value {
@@ -318,6 +342,9 @@ pub struct Target {
     pub controllers: super::admin::Controllers,
     /// Discovery log generation: bumped by every change hosts could see.
     pub genctr: u64,
+    /// Namespace generations and instances handed out so far.
+    generation: u64,
+    instances: u64,
 }
 
 thread_local! {
@@ -328,6 +355,8 @@ thread_local! {
         reserved: Vec::new(),
         controllers: Default::default(),
         genctr: 1,
+        generation: 0,
+        instances: 0,
     });
 }
 
@@ -349,6 +378,18 @@ pub fn change_target<R>(f: impl FnOnce(&mut Target) -> R) -> R {
 }
 
 impl Target {
+    /// A new namespace generation, newer than every one handed out.
+    pub fn next_generation(&mut self) -> u64 {
+        self.generation += 1;
+        self.generation
+    }
+
+    /// A new namespace instance id.
+    pub fn next_instance(&mut self) -> u64 {
+        self.instances += 1;
+        self.instances
+    }
+
     pub fn subsystem(&mut self, nqn: &str) -> Result<&mut Subsystem, BdevError> {
         self.subsystems
             .get_mut(nqn)
@@ -382,24 +423,6 @@ impl Target {
         Ok(())
     }
 
-    /// Records a namespace change in `nqn` and wakes the admin queues
-    /// waiting to send the namespace attribute notice.
-    pub fn namespaces_changed(&mut self, nqn: &str) {
-        if let Some(s) = self.subsystems.get_mut(nqn) {
-            s.ns_generation += 1;
-        }
-        for r in self
-            .controllers
-            .live
-            .values_mut()
-            .filter(|r| r.subnqn == nqn)
-        {
-            if let Some(w) = r.aen_waiter.take() {
-                w.complete(());
-            }
-        }
-    }
-
     /// Takes out the bound addresses no subsystem listens on any more; the
     /// caller closes them ([`BoundListener::close`]).
     pub fn release_unused(&mut self) -> Vec<BoundListener> {
@@ -422,19 +445,27 @@ impl Target {
     }
 }
 
-/// Opens `bdev_name` for a namespace; the namespace is removed if the bdev
-/// goes away.
-pub fn open_namespace_bdev(nqn: &str, nsid: u32, bdev_name: &str) -> Result<Descriptor, BdevError> {
+/// Opens `bdev_name` for namespace `nsid` (add `instance`) of `nqn`; if
+/// the bdev goes away, the namespace is removed as `nvmf_subsystem_remove_ns`
+/// removes it, and the bdev's unregister waits until that is done (the
+/// descriptor closes last).
+pub fn open_namespace_bdev(
+    nqn: &str,
+    nsid: u32,
+    instance: u64,
+    bdev_name: &str,
+) -> Result<Descriptor, BdevError> {
     let (nqn, name) = (nqn.to_string(), bdev_name.to_string());
     registry::open(
         bdev_name,
         true,
         Some(Box::new(move || {
             log::warn!("bdev {name} removed: removing namespace {nsid} of {nqn}");
-            let _ = with_target(|t| {
-                t.subsystem(&nqn).map(|s| s.namespaces.remove(&nsid))?;
-                t.namespaces_changed(&nqn);
-                Ok::<(), BdevError>(())
+            reactor::spawn_local(async move {
+                let _lock = super::changes::lock().await;
+                // Gone already if the RPC removed it (or deleted the
+                // subsystem) meanwhile.
+                let _ = super::changes::remove_namespace(&nqn, nsid, Some(instance)).await;
             });
         })),
     )

@@ -19,6 +19,9 @@ pub mod fctype {
 
 pub const CONNECT_DATA_BYTES: usize = 1024;
 pub const NQN_FIELD_BYTES: usize = 256;
+/// NVMe Base 2.0, 4.5: an NQN is at most 223 bytes (its field then has
+/// the NUL within the first 224).
+pub const NQN_MAX_BYTES: usize = 223;
 /// cntlid in an admin Connect asking for the dynamic controller model.
 pub const CNTLID_DYNAMIC: u16 = 0xFFFF;
 /// CATTR bit 2: the host disabled SQ flow control (CQE SQHD = 0xFFFF).
@@ -82,15 +85,16 @@ pub struct ConnectData {
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub struct BadConnectField(pub u16);
 
-fn nqn_field(b: &[u8], off: u16) -> Result<String, BadConnectField> {
-    let field = &b[off as usize..off as usize + NQN_FIELD_BYTES];
-    // NUL-terminated within the field, printable ASCII, not empty.
+/// An NQN field: NUL-terminated within [`NQN_MAX_BYTES`] + 1 bytes (as
+/// SPDK checks), printable ASCII, and not empty unless `may_be_empty`.
+fn nqn_field(b: &[u8], off: u16, may_be_empty: bool) -> Result<String, BadConnectField> {
+    let field = &b[off as usize..off as usize + NQN_MAX_BYTES + 1];
     let end = field
         .iter()
         .position(|&c| c == 0)
         .ok_or(BadConnectField(off))?;
     let s = &field[..end];
-    if s.is_empty() || !s.iter().all(|c| c.is_ascii_graphic()) {
+    if (s.is_empty() && !may_be_empty) || !s.iter().all(|c| c.is_ascii_graphic()) {
         return Err(BadConnectField(off));
     }
     Ok(String::from_utf8_lossy(s).into_owned())
@@ -106,8 +110,11 @@ impl ConnectData {
         Ok(ConnectData {
             hostid,
             cntlid: le16(b, 16),
-            subnqn: nqn_field(b, connect_offset::SUBNQN)?,
-            hostnqn: nqn_field(b, connect_offset::HOSTNQN)?,
+            subnqn: nqn_field(b, connect_offset::SUBNQN, false)?,
+            // SPDK's initiator (v26.x) sends an empty host NQN when none is
+            // configured; whether that host may connect is the
+            // subsystem's access control's call (allow_any_host).
+            hostnqn: nqn_field(b, connect_offset::HOSTNQN, true)?,
         })
     }
 
@@ -249,10 +256,15 @@ mod tests {
         // Empty subsystem NQN.
         assert_eq!(ConnectData::parse(&b), Err(BadConnectField(256)));
         b[256..260].copy_from_slice(b"nqn1");
-        // No NUL in the host NQN field.
+        // An empty host NQN is well-formed (access control decides).
+        assert_eq!(ConnectData::parse(&b).unwrap().hostnqn, "");
+        // No NUL in the host NQN field, or none within 224 bytes.
         b[512..768].fill(b'a');
         assert_eq!(ConnectData::parse(&b), Err(BadConnectField(512)));
-        b[767] = 0;
+        b[512 + NQN_MAX_BYTES + 1] = 0;
+        assert_eq!(ConnectData::parse(&b), Err(BadConnectField(512)));
+        b[512 + NQN_MAX_BYTES] = 0;
+        assert_eq!(ConnectData::parse(&b).unwrap().hostnqn.len(), 223);
         b[600] = 0x07; // control character
         assert_eq!(ConnectData::parse(&b), Err(BadConnectField(512)));
         assert_eq!(ConnectData::parse(&b[..100]), Err(BadConnectField(0)));
