@@ -1,5 +1,6 @@
 //! Start-up and shutdown on the main reactor: builds the RPC method table,
-//! loads the configuration, starts the RPC server, and registers the
+//! loads the configuration, starts the RPC server (after the configuration,
+//! unless `--wait-for-rpc` asks for it during start-up), and registers the
 //! shutdown hooks (stop serving RPC first, then unregister every bdev).
 
 use std::cell::{Cell, RefCell};
@@ -59,13 +60,28 @@ pub async fn run(cli: Cli) {
             Err(e) => return fail(e),
         }
     }
-    let server = match RpcServer::start(&cli.rpc_socket, table.clone(), state.clone()) {
-        Ok(s) => s,
-        Err(e) => return fail(format!("RPC server on {}: {e}", cli.rpc_socket.display())),
+    // As SPDK: with --wait-for-rpc the socket serves the start-up phase;
+    // otherwise it opens only once the configuration is loaded, so a client
+    // that waits for the socket finds every configured object in place.
+    let start_server = |table: &Rc<RpcTable>| match RpcServer::start(
+        &cli.rpc_socket,
+        table.clone(),
+        state.clone(),
+    ) {
+        Ok(server) => {
+            // Registered last, so it runs first at shutdown.
+            reactor::on_shutdown(move || async move { server.stop() });
+            true
+        }
+        Err(e) => {
+            fail(format!("RPC server on {}: {e}", cli.rpc_socket.display()));
+            false
+        }
     };
-    // Registered last, so it runs first at shutdown.
-    reactor::on_shutdown(move || async move { server.stop() });
     if cli.wait_for_rpc {
+        if !start_server(&table) {
+            return;
+        }
         log::info!("waiting for framework_start_init");
         if start_rx.await.is_err() {
             return;
@@ -74,6 +90,9 @@ pub async fn run(cli: Cli) {
     }
     if let Err(e) = config::apply(&table, remaining, RpcState::Runtime, ignore).await {
         return fail(e);
+    }
+    if !cli.wait_for_rpc && !start_server(&table) {
+        return;
     }
     state.set(RpcState::Runtime);
     log::info!(

@@ -124,3 +124,43 @@ fn a_bad_config_stops_start_up_with_a_reason() {
     assert!(err.contains("File exists"), "{err}");
     assert!(!dir.join("s.sock").exists(), "socket left behind");
 }
+
+#[test]
+fn the_rpc_socket_opens_only_once_the_configuration_is_loaded() {
+    // A configuration that takes a while to load: a raid1 with a superblock
+    // over delay bdevs (the superblock write waits out their latency), and
+    // an NVMe/TCP export of it, whose namespace reaches every core.
+    let dir = common::scratch_dir();
+    let cfg = dir.join("slow.json");
+    let mut bdevs = Vec::new();
+    for i in 0..2 {
+        bdevs.push(json!({"method": "bdev_malloc_create",
+            "params": {"name": format!("M{i}"), "num_blocks": 4096, "block_size": 512}}));
+        bdevs.push(json!({"method": "bdev_delay_create",
+            "params": {"name": format!("D{i}"), "base_bdev_name": format!("M{i}"),
+                "avg_read_latency": 20000, "p99_read_latency": 20000,
+                "avg_write_latency": 20000, "p99_write_latency": 20000}}));
+    }
+    bdevs.push(
+        json!({"method": "bdev_raid_create", "params": {"name": "R0",
+        "raid_level": "raid1", "base_bdevs": ["D0", "D1"], "superblock": true}}),
+    );
+    let nqn = "nqn.2016-06.io.spdk:slow";
+    let config = json!({"subsystems": [
+        {"subsystem": "bdev", "config": bdevs},
+        {"subsystem": "nvmf", "config": [
+            {"method": "nvmf_create_transport", "params": {"trtype": "TCP"}},
+            {"method": "nvmf_create_subsystem", "params": {"nqn": nqn, "allow_any_host": true}},
+            {"method": "nvmf_subsystem_add_ns", "params": {"nqn": nqn, "namespace": {"bdev_name": "R0"}}}
+        ]}
+    ]});
+    std::fs::write(&cfg, serde_json::to_vec_pretty(&config).unwrap()).unwrap();
+    let cfg_arg = cfg.display().to_string();
+    let t = Target::start_with(&["--cpus", "0,1", "-c", &cfg_arg]);
+    // The first answer on the socket already sees all of it.
+    let names = t.bdev_names();
+    assert_eq!(names, ["D0", "D1", "M0", "M1", "R0"], "{names:?}");
+    let subs = t.ok("nvmf_get_subsystems", json!({"nqn": nqn}));
+    assert_eq!(subs[0]["namespaces"][0]["bdev_name"], "R0", "{subs}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

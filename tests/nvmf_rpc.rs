@@ -81,6 +81,15 @@ fn subsystems_namespaces_hosts_and_listeners() {
     assert_eq!(s["namespaces"][0]["bdev_name"], "Malloc0");
     let malloc_uuid = t.ok("bdev_get_bdevs", json!({"name": "Malloc0"}))[0]["uuid"].clone();
     assert_eq!(s["namespaces"][0]["uuid"], malloc_uuid);
+    // One subsystem by NQN (SPDK's filter), ENODEV for an unknown one.
+    assert_eq!(t.ok("nvmf_get_subsystems", json!({"nqn": NQN})), json!([s]));
+    assert_eq!(
+        t.err_code(
+            "nvmf_get_subsystems",
+            json!({"nqn": "nqn.2016-06.io.x:nope"})
+        ),
+        -19
+    );
 
     // Errors: codes, and nothing changes.
     let before = t.ok("nvmf_get_subsystems", Value::Null);

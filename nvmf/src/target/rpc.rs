@@ -45,6 +45,13 @@ struct CreateSubsystemParams {
 }
 
 #[derive(Deserialize)]
+#[allow(dead_code)] // tgt_name: one target per process, as in spdk_tgt
+struct GetSubsystemsParams {
+    nqn: Option<String>,
+    tgt_name: Option<String>,
+}
+
+#[derive(Deserialize)]
 struct NqnParams {
     nqn: String,
 }
@@ -490,11 +497,19 @@ pub fn register(table: &mut RpcTable) {
         |p: CreateSubsystemParams| async move { create_subsystem(p) },
     );
     table.register_with("nvmf_delete_subsystem", m, delete_subsystem);
-    table.register("nvmf_get_subsystems", m, |_p| async move {
-        Ok(with_target(|t| {
-            Value::Array(t.subsystems.values().map(|s| s.to_json()).collect())
-        }))
-    });
+    table.register_with(
+        "nvmf_get_subsystems",
+        m,
+        |p: GetSubsystemsParams| async move {
+            with_target(|t| match &p.nqn {
+                // One subsystem, or ENODEV, as SPDK.
+                Some(nqn) => Ok(json!([t.subsystem(nqn)?.to_json()])),
+                None => Ok(Value::Array(
+                    t.subsystems.values().map(|s| s.to_json()).collect(),
+                )),
+            })
+        },
+    );
     table.register_with(
         "nvmf_subsystem_add_listener",
         m,
