@@ -185,8 +185,11 @@ impl BdevChannel for MallocChannel {
             IoType::Read if io.zcopy => {
                 let owner: Rc<dyn std::any::Any> = self.clone();
                 // SAFETY: off+n <= len; the view holds this channel, which
-                // holds the mapping; the mapping is only ever written by raw
-                // copies (module docs), never while a slice of it is held.
+                // holds the mapping; this core writes the mapping only by
+                // raw copies, never while a slice of it is held. A write to
+                // the same blocks from another core while the view is being
+                // sent races as on a device (module docs): the bytes go to
+                // the kernel, nothing in Rust reads them as typed data.
                 io.shared = unsafe { SharedBuf::from_raw(self.base.add(off), n, owner) };
                 IoStatus::Success
             }
