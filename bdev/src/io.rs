@@ -73,8 +73,9 @@ impl IoType {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum IoStatus {
+    #[default]
     Pending,
     Success,
     Failed,

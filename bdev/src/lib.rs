@@ -16,6 +16,7 @@ pub mod channel;
 pub mod config;
 pub mod io;
 pub mod registry;
+pub mod slab;
 mod split;
 pub mod stats;
 

@@ -17,7 +17,9 @@ use std::rc::{Rc, Weak};
 use crate::buf::{BufLender, SharedBuf};
 use crate::channel::IoChannel;
 use crate::io::{frame_flags, IoBox, IoCompletion, IoStatus, IoType};
+use crate::slab::Slab;
 
+#[derive(Default)]
 struct Parent {
     io: Option<IoBox>,
     lender: BufLender,
@@ -28,8 +30,7 @@ struct Parent {
 }
 
 struct SplitTable {
-    parents: RefCell<Vec<Parent>>,
-    free: RefCell<Vec<u32>>,
+    parents: RefCell<Slab<Parent>>,
     /// Children being planned (kept to reuse its allocation).
     scratch: RefCell<Vec<IoBox>>,
     me: Weak<SplitTable>,
@@ -37,8 +38,7 @@ struct SplitTable {
 
 thread_local! {
     static TABLE: Rc<SplitTable> = Rc::new_cyclic(|me| SplitTable {
-        parents: RefCell::new(Vec::new()),
-        free: RefCell::new(Vec::new()),
+        parents: RefCell::new(Slab::default()),
         scratch: RefCell::new(Vec::new()),
         me: me.clone(),
     });
@@ -57,7 +57,7 @@ pub(crate) fn start(ch: &IoChannel, mut parent: IoBox) {
     let buf = parent.take_buf();
     let idx = table.park(parent);
     let sliced = io_type != IoType::Read && !shared.is_empty();
-    let lent = table.with_parent(idx, |p| p.lender.lend(buf).is_ok());
+    let lent = table.with_parent(idx, |p| p.lender.lend(buf).is_ok()) == Some(true);
     let mut children = table.scratch.take();
     let mut at = offset;
     let end = offset + num_blocks;
@@ -70,10 +70,12 @@ pub(crate) fn start(ch: &IoChannel, mut parent: IoBox) {
         let piece = match io_type {
             IoType::Read => table
                 .with_parent(idx, |p| p.lender.window(start, len))
+                .flatten()
                 .map(|w| child.buf = w),
             _ if sliced => shared.slice(start, len).map(|s| child.shared = s),
             _ => table
                 .with_parent(idx, |p| p.lender.share(start, len))
+                .flatten()
                 .map(|s| child.shared = s),
         };
         // None cannot happen: validate checked the data covers the range.
@@ -99,28 +101,17 @@ pub(crate) fn start(ch: &IoChannel, mut parent: IoBox) {
 impl SplitTable {
     fn park(&self, io: IoBox) -> u32 {
         let mut parents = self.parents.borrow_mut();
-        let i = match self.free.borrow_mut().pop() {
-            Some(i) => i,
-            None => {
-                parents.push(Parent {
-                    io: None,
-                    lender: BufLender::new(),
-                    shared: SharedBuf::empty(),
-                    remaining: 0,
-                    status: IoStatus::Success,
-                });
-                (parents.len() - 1) as u32
-            }
-        };
-        let p = &mut parents[i as usize];
-        p.io = Some(io);
-        p.remaining = 0;
-        p.status = IoStatus::Success;
+        let i = parents.alloc();
+        if let Some(p) = parents.get_mut(i) {
+            p.io = Some(io);
+            p.remaining = 0;
+            p.status = IoStatus::Success;
+        }
         i
     }
 
-    fn with_parent<R>(&self, i: u32, f: impl FnOnce(&mut Parent) -> R) -> R {
-        f(&mut self.parents.borrow_mut()[i as usize])
+    fn with_parent<R>(&self, i: u32, f: impl FnOnce(&mut Parent) -> R) -> Option<R> {
+        self.parents.borrow_mut().get_mut(i).map(f)
     }
 
     /// Completes parent `i` with `status`, its buffer back in place.
@@ -128,7 +119,7 @@ impl SplitTable {
         let mut reusable = true;
         let io = {
             let mut parents = self.parents.borrow_mut();
-            let p = &mut parents[i as usize];
+            let Some(p) = parents.get_mut(i) else { return };
             let io = p.io.take();
             if let Some(mut io) = io {
                 io.shared = std::mem::take(&mut p.shared);
@@ -148,7 +139,7 @@ impl SplitTable {
             }
         };
         if reusable {
-            self.free.borrow_mut().push(i);
+            self.parents.borrow_mut().release(i);
         }
         // No borrow held: completing runs the submitter, which may submit.
         if let Some(io) = io {
@@ -164,7 +155,7 @@ impl IoCompletion for SplitTable {
         drop(child);
         let done = {
             let mut parents = self.parents.borrow_mut();
-            let Some(p) = parents.get_mut(i as usize) else {
+            let Some(p) = parents.get_mut(i) else {
                 return;
             };
             if !st.is_success() && p.status.is_success() {

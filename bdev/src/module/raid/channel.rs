@@ -38,7 +38,9 @@ use super::{Level, MemberState, RaidShared, WriteCounters, DURABLE_LOST};
 use crate::buf::{BufLender, SharedBuf};
 use crate::channel::{BdevChannel, IoChannel};
 use crate::io::{IoBox, IoBuf, IoCompletion, IoStatus, IoType};
+use crate::slab::Slab;
 
+#[derive(Default)]
 struct Parent {
     io: Option<IoBox>,
     /// Lends the parent's buffer to its children.
@@ -64,8 +66,7 @@ pub(super) struct RaidChannel {
     members: RefCell<Vec<Option<IoChannel>>>,
     /// This core's I/Os outstanding per member (raid1 read balancing).
     outstanding: RefCell<Vec<u32>>,
-    parents: RefCell<Vec<Parent>>,
-    free: RefCell<Vec<u32>>,
+    parents: RefCell<Slab<Parent>>,
     /// Children being planned (kept to reuse its allocation).
     scratch: RefCell<Vec<(usize, IoBox)>>,
     /// raid1 writes in flight here, by admission epoch (rebuild windows).
@@ -121,8 +122,7 @@ impl RaidChannel {
             generation: Cell::new(0),
             members: RefCell::new(vec![None; n]),
             outstanding: RefCell::new(vec![0; n]),
-            parents: RefCell::new(Vec::new()),
-            free: RefCell::new(Vec::new()),
+            parents: RefCell::new(Slab::default()),
             scratch: RefCell::new(Vec::new()),
             writes,
             held: RefCell::new(std::collections::VecDeque::new()),
@@ -149,7 +149,7 @@ impl RaidChannel {
             };
             let (t, off, len) = {
                 let parents = self.parents.borrow();
-                match parents.get(p as usize).and_then(|x| x.io.as_ref()) {
+                match parents.get(p).and_then(|x| x.io.as_ref()) {
                     Some(io) => (io.io_type, io.offset_blocks, io.num_blocks),
                     None => continue,
                 }
@@ -214,36 +214,20 @@ impl RaidChannel {
         };
         let buf = io.take_buf();
         let mut parents = self.parents.borrow_mut();
-        let i = match self.free.borrow_mut().pop() {
-            Some(i) => i,
-            None => {
-                parents.push(Parent {
-                    io: None,
-                    lender: BufLender::new(),
-                    shared: SharedBuf::empty(),
-                    remaining: 0,
-                    failed: false,
-                    ok_operational: 0,
-                    tried: 0,
-                    admitted: None,
-                    ok_mask: 0,
-                });
-                (parents.len() - 1) as u32
-            }
-        };
-        let p = &mut parents[i as usize];
-        // The slot's previous children are all gone (it was freed), so its
-        // lender takes the new buffer.
-        let lent = p.lender.lend(buf).is_ok();
-        debug_assert!(lent, "raid parent slot reused with pieces out");
-        p.io = Some(io);
-        p.shared = shared;
-        p.remaining = 0;
-        p.failed = false;
-        p.ok_operational = 0;
-        p.tried = 0;
-        p.admitted = None;
-        p.ok_mask = 0;
+        let i = parents.alloc();
+        if let Some(p) = parents.get_mut(i) {
+            let lender = std::mem::take(&mut p.lender);
+            *p = Parent {
+                io: Some(io),
+                lender,
+                shared,
+                ..Parent::default()
+            };
+            // The slot's previous children are all gone (it was released),
+            // so its lender takes the new buffer.
+            let lent = p.lender.lend(buf).is_ok();
+            debug_assert!(lent, "raid parent slot reused with pieces out");
+        }
         i
     }
 
@@ -253,7 +237,7 @@ impl RaidChannel {
         let admitted = self
             .parents
             .borrow_mut()
-            .get_mut(p as usize)
+            .get_mut(p)
             .and_then(|parent| parent.admitted.take());
         if let Some(slot) = admitted {
             self.writes.0[slot].fetch_sub(1, Ordering::SeqCst);
@@ -266,7 +250,7 @@ impl RaidChannel {
         let mut reusable = true;
         let io = {
             let mut parents = self.parents.borrow_mut();
-            let parent = parents.get_mut(p as usize)?;
+            let parent = parents.get_mut(p)?;
             let mut io = parent.io.take();
             if let Some(io) = io.as_mut() {
                 io.shared = std::mem::take(&mut parent.shared);
@@ -282,7 +266,7 @@ impl RaidChannel {
             io
         };
         if reusable {
-            self.free.borrow_mut().push(p);
+            self.parents.borrow_mut().release(p);
         }
         io
     }
@@ -315,7 +299,7 @@ impl RaidChannel {
             let Some(p) = self.sb_wait.borrow_mut().pop_front() else {
                 break;
             };
-            let Some(ok_mask) = self.parents.borrow().get(p as usize).map(|x| x.ok_mask) else {
+            let Some(ok_mask) = self.parents.borrow().get(p).map(|x| x.ok_mask) else {
                 continue;
             };
             // No borrow is held across a completion (it may submit here).
@@ -367,7 +351,7 @@ impl RaidChannel {
         let mut io = IoBox::with(io_type, offset, nblocks, IoBuf::empty());
         if io_type.has_data() {
             let parents = self.parents.borrow();
-            let parent = parents.get(p as usize)?;
+            let parent = parents.get(p)?;
             let bs = self.shared.block_size as u64;
             let (at, len) = ((buf_off * bs) as usize, (nblocks * bs) as usize);
             // Reads write into disjoint windows; writes share the data.
@@ -450,7 +434,7 @@ impl RaidChannel {
         if matches!(io_type, IoType::Write | IoType::WriteZeroes | IoType::Unmap) {
             match self.shared.rebuild.admit_write(&self.writes, off, len) {
                 Some(slot) => {
-                    if let Some(parent) = self.parents.borrow_mut().get_mut(p as usize) {
+                    if let Some(parent) = self.parents.borrow_mut().get_mut(p) {
                         parent.admitted = Some(slot);
                     }
                 }
@@ -487,7 +471,7 @@ impl RaidChannel {
         let usable =
             !children.is_empty() && children.iter().all(|(s, _)| self.channel(*s).is_some());
         if usable {
-            if let Some(parent) = self.parents.borrow_mut().get_mut(p as usize) {
+            if let Some(parent) = self.parents.borrow_mut().get_mut(p) {
                 parent.remaining = children.len() as u32;
             }
             for (slot, c) in children.drain(..) {
@@ -519,7 +503,7 @@ impl RaidChannel {
     fn read_from(self: &Rc<Self>, p: u32) {
         let (tried, off, len) = {
             let parents = self.parents.borrow();
-            let Some(parent) = parents.get(p as usize) else {
+            let Some(parent) = parents.get(p) else {
                 return;
             };
             let Some(io) = parent.io.as_ref() else { return };
@@ -528,7 +512,7 @@ impl RaidChannel {
         let Some(slot) = self.pick_reader(tried) else {
             return self.complete(p, IoStatus::Failed);
         };
-        if let Some(parent) = self.parents.borrow_mut().get_mut(p as usize) {
+        if let Some(parent) = self.parents.borrow_mut().get_mut(p) {
             parent.tried |= 1 << slot;
             parent.remaining = 1;
         }
@@ -607,7 +591,7 @@ impl RaidChannel {
         }
         let done = {
             let mut parents = self.parents.borrow_mut();
-            let Some(parent) = parents.get_mut(p as usize) else {
+            let Some(parent) = parents.get_mut(p) else {
                 return;
             };
             parent.remaining = parent.remaining.saturating_sub(1);
