@@ -137,6 +137,9 @@ pub(crate) struct BdevShared {
     pub(crate) align_mask: usize,
     /// Whether `props.io` asks for splitting at all.
     pub(crate) splits: bool,
+    /// Whether `props.io` asks for anything (alignment or splitting): the
+    /// submit path checks this one flag for bdevs that take any I/O.
+    pub(crate) shapes_io: bool,
 }
 
 /// A registered bdev. Cheap to clone and `Send`: channels on every core
@@ -156,6 +159,7 @@ impl BdevHandle {
             supported_mask,
             align_mask,
             splits,
+            shapes_io: splits || align_mask != 0,
             id,
             props,
             ops,

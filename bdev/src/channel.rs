@@ -37,6 +37,13 @@ use crate::stats::IoStat;
 /// that resources came back.
 pub const NOMEM_RETRY_DELAY: Duration = Duration::from_micros(100);
 
+mod attention {
+    /// I/O waits in `nomem`.
+    pub const NOMEM: u8 = 1;
+    /// Unregister waits in `drain_waiters`.
+    pub const DRAIN: u8 = 2;
+}
+
 /// A module's per-core channel: receives I/O for its bdev on this core.
 pub trait BdevChannel {
     /// Starts `io`. The module completes it later (or inline) with
@@ -52,6 +59,9 @@ pub(crate) struct ChannelInner {
     stats: RefCell<IoStat>,
     /// I/O submitted into this channel and not yet completed.
     in_flight: Cell<u64>,
+    /// `attention::*`: slow-path work a completion must look at, so the
+    /// common completion reads one flag.
+    attention: Cell<u8>,
     /// I/O the module completed with `NoMemory`, in order, to resubmit.
     nomem: RefCell<VecDeque<IoBox>>,
     /// In the core's list of channels the retry timer visits.
@@ -119,28 +129,37 @@ impl IoChannel {
             return;
         }
         self.0.in_flight.set(self.0.in_flight.get() + 1);
-        if io.io_type == IoType::Read && !io.shared.is_empty() {
+        if !io.shared.is_empty() && io.io_type == IoType::Read {
             // A view left from an earlier zero-copy read of this IoBox.
             io.shared = SharedBuf::empty();
         }
         let ok = self.validate(&io);
         CORE.with(|c| c.submit_depth.set(c.submit_depth.get() + 1));
-        let b = &self.0.bdev.0;
         if !ok {
             io.complete(IoStatus::Failed);
-        } else if b.splits
+        } else if self.0.bdev.0.shapes_io {
+            self.submit_shaped(io, flags);
+        } else {
+            self.0.module.clone().submit(io);
+        }
+        CORE.with(|c| c.submit_depth.set(c.submit_depth.get() - 1));
+    }
+
+    /// Submit for a bdev with [`crate::IoRequirements`]: split, or bounce
+    /// misaligned data, then hand to the module.
+    fn submit_shaped(&self, mut io: IoBox, flags: u8) {
+        let b = &self.0.bdev.0;
+        if b.splits
             && flags & frame_flags::SPLIT_CHILD == 0
             && io.io_type.has_data()
             && b.props.io.needs_split(io.offset_blocks, io.num_blocks)
         {
-            crate::split::start(self, io);
-        } else {
-            if b.align_mask != 0 && self.misaligned(&io) {
-                bounce(&mut io, self.0.bdev.block_size());
-            }
-            self.0.module.clone().submit(io);
+            return crate::split::start(self, io);
         }
-        CORE.with(|c| c.submit_depth.set(c.submit_depth.get() - 1));
+        if b.align_mask != 0 && self.misaligned(&io) {
+            bounce(&mut io, self.0.bdev.block_size());
+        }
+        self.0.module.clone().submit(io);
     }
 
     #[inline]
@@ -183,6 +202,9 @@ impl IoChannel {
         io.set_status(IoStatus::Pending);
         self.0.stats.borrow_mut().nomem += 1;
         self.0.nomem.borrow_mut().push_back(io);
+        self.0
+            .attention
+            .set(self.0.attention.get() | attention::NOMEM);
         if !self.0.nomem_listed.replace(true) {
             CORE.with(|c| c.nomem_channels.borrow_mut().push(self.clone()));
         }
@@ -205,6 +227,11 @@ impl IoChannel {
             let Some(io) = self.0.nomem.borrow_mut().pop_front() else {
                 break;
             };
+            if self.0.nomem.borrow().is_empty() {
+                self.0
+                    .attention
+                    .set(self.0.attention.get() & !attention::NOMEM);
+            }
             self.0.module.clone().submit(io);
         }
         CORE.with(|c| c.submit_depth.set(c.submit_depth.get() - 1));
@@ -286,29 +313,53 @@ fn deliver(mut io: IoBox, now: u64) {
     };
     let ch = &frame.channel.0;
     ch.in_flight.set(ch.in_flight.get() - 1);
-    if frame.flags & frame_flags::BOUNCED != 0 {
-        unbounce(&mut io);
-    }
     let latency = now.saturating_sub(frame.submit_tick);
     io.set_latency_ticks(latency);
-    if frame.flags & frame_flags::SPLIT_CHILD == 0 {
+    if frame.flags != 0 && !deliver_flagged(&mut io, frame.flags) {
+        // A split's piece: the parent records the statistics.
+    } else {
         let bytes = io.num_blocks * ch.bdev.block_size() as u64;
         ch.stats
             .borrow_mut()
             .record(io.io_type, bytes, latency, io.status());
     }
-    if ch.in_flight.get() == 0 && !ch.drain_waiters.borrow().is_empty() {
-        for w in ch.drain_waiters.take() {
-            w.complete(());
-        }
+    if ch.attention.get() != 0 {
+        return deliver_with_attention(io, frame);
     }
-    // Resources came back: retry what waits for them (after handing this
-    // one on, so the retries do not overtake its completion).
-    let retry = (!ch.nomem.borrow().is_empty()).then(|| frame.channel.clone());
     let cb = frame.cb;
     drop(frame.channel);
     cb.io_done(io);
-    if let Some(ch) = retry {
+}
+
+/// The frame flags' part of a completion: the submitter's buffers back
+/// after a bounce. Returns whether the layer records statistics.
+#[cold]
+fn deliver_flagged(io: &mut crate::io::BdevIo, flags: u8) -> bool {
+    if flags & frame_flags::BOUNCED != 0 {
+        unbounce(io);
+    }
+    flags & frame_flags::SPLIT_CHILD == 0
+}
+
+/// A completion on a channel with slow-path work: wake a drain waiting for
+/// the last I/O; hand this one on, then retry the I/O waiting for
+/// resources (after, so the retries do not overtake its completion).
+#[cold]
+fn deliver_with_attention(io: IoBox, frame: Frame) {
+    let ch = frame.channel.clone();
+    let inner = &ch.0;
+    if inner.in_flight.get() == 0 && inner.attention.get() & attention::DRAIN != 0 {
+        inner
+            .attention
+            .set(inner.attention.get() & !attention::DRAIN);
+        for w in inner.drain_waiters.take() {
+            w.complete(());
+        }
+    }
+    let cb = frame.cb;
+    drop(frame.channel);
+    cb.io_done(io);
+    if inner.attention.get() & attention::NOMEM != 0 {
         ch.retry_nomem();
     }
 }
@@ -382,6 +433,7 @@ pub(crate) async fn drain_core(id: u64) {
     }
     let (tx, rx) = reactor::completion();
     ch.drain_waiters.borrow_mut().push(tx);
+    ch.attention.set(ch.attention.get() | attention::DRAIN);
     drop(ch);
     let _ = rx.await;
 }
@@ -428,6 +480,7 @@ pub(crate) fn get_channel(bdev: &BdevHandle) -> IoChannel {
         module,
         stats: RefCell::new(IoStat::default()),
         in_flight: Cell::new(0),
+        attention: Cell::new(0),
         nomem: RefCell::new(VecDeque::new()),
         nomem_listed: Cell::new(false),
         drain_waiters: RefCell::new(Vec::new()),

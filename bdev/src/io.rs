@@ -147,14 +147,14 @@ pub struct BdevIo {
     /// may show through it, as on a device. Layers that transform data
     /// clear it before passing the I/O down.
     pub zcopy: bool,
-    /// The submitter's buffers while the framework bounces the data
-    /// through an aligned one (one bounce per I/O: the bounce buffer is
-    /// aligned for every bdev).
-    pub(crate) stash_buf: IoBuf,
-    pub(crate) stash_shared: SharedBuf,
     latency_ticks: u64,
     spare_ctx: u64,
     frames: [Option<Frame>; MAX_IO_STACK],
+    /// The submitter's buffers while the framework bounces the data
+    /// through an aligned one (one bounce per I/O: the bounce buffer is
+    /// aligned for every bdev). Rarely used: last.
+    pub(crate) stash_buf: IoBuf,
+    pub(crate) stash_shared: SharedBuf,
 }
 
 impl BdevIo {
@@ -360,8 +360,7 @@ impl Drop for IoBox {
         // recycled I/O.
         io.buf = IoBuf::empty();
         io.shared = SharedBuf::empty();
-        io.stash_buf = IoBuf::empty();
-        io.stash_shared = SharedBuf::empty();
+        debug_assert!(io.stash_buf.is_empty() && io.stash_shared.is_empty());
         io.status = IoStatus::Pending;
         io.tag = 0;
         io.zcopy = false;
