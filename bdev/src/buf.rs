@@ -16,7 +16,8 @@
 //!   reach the allocator. *Budgeted* allocations
 //!   ([`IoBuf::try_budgeted`]) are those a remote client can make us take
 //!   (transport data buffers): they count against a per-core budget and
-//!   fail, rather than grow, when it is spent.
+//!   fail, rather than grow, when it is spent; a caller that has to wait
+//!   asks to be woken ([`wake_on_budget_return`]) when one comes back.
 //!
 //! Invariants:
 //! - Memory is aligned to [`IO_BUF_ALIGN`] and always initialised (fresh
@@ -47,6 +48,9 @@ const CLASSES: usize = (MAX_CLASS_SHIFT - MIN_CLASS_SHIFT + 1) as usize;
 /// Free memory kept per size class per core. Beyond it buffers are freed:
 /// a burst does not pin its peak for ever.
 const POOL_FREE_BYTES_PER_CLASS: usize = 16 << 20;
+/// Free memory kept per core over all classes: with the budget, what bounds
+/// the memory a core's I/O buffers hold (live budgeted buffers plus this).
+pub const POOL_FREE_BYTES_PER_CORE: usize = 32 << 20;
 
 /// Budget of [`IoBuf::try_budgeted`] allocations per core unless set
 /// otherwise: SPDK's TCP transport default of 511 shared 128 KiB buffers.
@@ -66,8 +70,9 @@ fn layout(cap: usize) -> Layout {
     Layout::from_size_align(cap, IO_BUF_ALIGN).expect("I/O buffer layout")
 }
 
-/// The capacity an allocation of `len` bytes gets.
-fn capacity_for(len: usize) -> usize {
+/// The capacity an allocation of `len` bytes gets (what it costs the
+/// budget, for a budgeted one).
+pub fn capacity_for(len: usize) -> usize {
     match class_of(len) {
         Some(c) => 1 << (c as u32 + MIN_CLASS_SHIFT),
         None => len.div_ceil(IO_BUF_ALIGN) * IO_BUF_ALIGN,
@@ -76,8 +81,13 @@ fn capacity_for(len: usize) -> usize {
 
 struct Pool {
     free: [Vec<NonNull<u8>>; CLASSES],
+    /// Bytes in `free`, over all classes.
+    free_bytes: usize,
     budget_bytes: usize,
     budget_used_bytes: usize,
+    /// Someone waits for budget: the next budgeted buffer returned wakes
+    /// the reactor.
+    budget_waiter: bool,
     /// Allocations made and not yet freed or recycled, for tests and stats.
     live: usize,
 }
@@ -97,8 +107,10 @@ impl Drop for Pool {
 thread_local! {
     static POOL: RefCell<Pool> = RefCell::new(Pool {
         free: Default::default(),
+        free_bytes: 0,
         budget_bytes: DEFAULT_BUDGET_BYTES_PER_CORE,
         budget_used_bytes: 0,
+        budget_waiter: false,
         live: 0,
     });
 }
@@ -111,7 +123,11 @@ fn alloc_memory(cap: usize) -> NonNull<u8> {
         .try_with(|p| {
             let mut p = p.borrow_mut();
             p.live += 1;
-            class.and_then(|c| p.free[c].pop())
+            let got = class.and_then(|c| p.free[c].pop());
+            if got.is_some() {
+                p.free_bytes -= cap;
+            }
+            got
         })
         .ok()
         .flatten();
@@ -134,8 +150,12 @@ fn free_memory(ptr: NonNull<u8>, cap: usize) {
             };
             p.live = p.live.saturating_sub(1);
             match class_of(cap).filter(|&c| cap == 1 << (c as u32 + MIN_CLASS_SHIFT)) {
-                Some(c) if (p.free[c].len() + 1) * cap <= POOL_FREE_BYTES_PER_CLASS => {
+                Some(c)
+                    if (p.free[c].len() + 1) * cap <= POOL_FREE_BYTES_PER_CLASS
+                        && p.free_bytes + cap <= POOL_FREE_BYTES_PER_CORE =>
+                {
                     p.free[c].push(ptr);
+                    p.free_bytes += cap;
                     true
                 }
                 _ => false,
@@ -164,6 +184,19 @@ pub fn budget_bytes() -> (usize, usize) {
 /// Buffers allocated on this core and not yet dropped.
 pub fn live_buffers() -> usize {
     POOL.with(|p| p.borrow().live)
+}
+
+/// Free memory this core's pool keeps for reuse, in bytes (at most
+/// [`POOL_FREE_BYTES_PER_CORE`]).
+pub fn pool_free_bytes() -> usize {
+    POOL.with(|p| p.borrow().free_bytes)
+}
+
+/// A [`IoBuf::try_budgeted`] allocation failed and its caller waits: the
+/// next budgeted buffer returned on this core wakes the reactor (if parked),
+/// so the waiter retries at its next poll. Once per call.
+pub fn wake_on_budget_return() {
+    POOL.with(|p| p.borrow_mut().budget_waiter = true);
 }
 
 enum Origin {
@@ -304,11 +337,18 @@ impl Drop for IoBuf {
             free_memory(self.ptr, self.cap);
             if budgeted {
                 let cap = self.cap;
-                let _ = POOL.try_with(|p| {
-                    if let Ok(mut p) = p.try_borrow_mut() {
-                        p.budget_used_bytes = p.budget_used_bytes.saturating_sub(cap);
-                    }
-                });
+                let wake = POOL
+                    .try_with(|p| match p.try_borrow_mut() {
+                        Ok(mut p) => {
+                            p.budget_used_bytes = p.budget_used_bytes.saturating_sub(cap);
+                            std::mem::take(&mut p.budget_waiter)
+                        }
+                        Err(_) => false,
+                    })
+                    .unwrap_or(false);
+                if wake {
+                    reactor::wake_loop();
+                }
             }
         }
     }
@@ -555,11 +595,34 @@ mod tests {
         let c = IoBuf::try_budgeted(4096).expect("third");
         assert!(IoBuf::try_budgeted(1).is_none(), "over budget");
         assert_eq!(budget_bytes().1, used0 + 3 * 4096);
+        // A waiter is woken by the next return, once.
+        wake_on_budget_return();
         drop(b);
+        assert!(
+            !POOL.with(|p| p.borrow().budget_waiter),
+            "the return took the waiter"
+        );
         assert!(IoBuf::try_budgeted(4096).is_some());
         drop((a, c));
         assert_eq!(budget_bytes().1, used0);
         set_budget_bytes(DEFAULT_BUDGET_BYTES_PER_CORE);
+    }
+
+    #[test]
+    // Allocates 48 MiB: too slow under Miri, and no raw views involved.
+    #[cfg_attr(miri, ignore)]
+    fn the_pool_keeps_a_bounded_amount_of_free_memory() {
+        let before = pool_free_bytes();
+        // 16 MiB in each of three classes: each within its class's cap,
+        // together above the core's.
+        let bufs: Vec<IoBuf> = [128 << 10, 64 << 10, 32 << 10]
+            .iter()
+            .flat_map(|&len| (0..(16 << 20) / len).map(move |_| IoBuf::new(len)))
+            .collect();
+        drop(bufs);
+        let kept = pool_free_bytes();
+        assert!(kept <= POOL_FREE_BYTES_PER_CORE, "kept {kept}");
+        assert!(kept >= before.max(16 << 20), "the pool still recycles");
     }
 
     #[test]
