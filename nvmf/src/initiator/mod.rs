@@ -264,6 +264,16 @@ impl HostQueue {
         Ok(())
     }
 
+    /// The connected socket, for a caller that drives the queue itself from
+    /// here on (a test host that floods or never reads); None while sends
+    /// or received bytes are still buffered.
+    pub fn into_stream(self) -> Option<TcpStream> {
+        if self.has_buffered_input() || !self.tx.is_empty() {
+            return None;
+        }
+        Some(self.writer.0)
+    }
+
     /// Busy-polls the socket (spins on it) instead of sleeping in the
     /// kernel while waiting for the controller.
     pub fn set_busy_poll(&mut self, on: bool) -> Result<(), HostError> {
