@@ -115,25 +115,37 @@ thread_local! {
     });
 }
 
-/// `cap` bytes, from this core's pool or the allocator.
-fn alloc_memory(cap: usize) -> NonNull<u8> {
+/// `cap` bytes, from this core's pool or the allocator; `budgeted`: also
+/// charged to the core's budget, None if that would exceed it (one visit
+/// to the pool either way: this is per I/O).
+fn alloc_memory(cap: usize, budgeted: bool) -> Option<NonNull<u8>> {
     debug_assert!(cap > 0 && cap.is_multiple_of(IO_BUF_ALIGN));
     let class = class_of(cap).filter(|&c| cap == 1 << (c as u32 + MIN_CLASS_SHIFT));
-    let recycled = POOL
-        .try_with(|p| {
-            let mut p = p.borrow_mut();
-            p.live += 1;
-            let got = class.and_then(|c| p.free[c].pop());
-            if got.is_some() {
-                p.free_bytes -= cap;
+    let recycled = POOL.try_with(|p| {
+        let mut p = p.borrow_mut();
+        if budgeted {
+            if p.budget_used_bytes + cap > p.budget_bytes {
+                return None;
             }
-            got
-        })
-        .ok()
-        .flatten();
-    if let Some(p) = recycled {
-        return p;
+            p.budget_used_bytes += cap;
+        }
+        p.live += 1;
+        let got = class.and_then(|c| p.free[c].pop());
+        if got.is_some() {
+            p.free_bytes -= cap;
+        }
+        Some(got)
+    });
+    match recycled {
+        Ok(None) => None,
+        Ok(Some(Some(p))) => Some(p),
+        // Fresh memory (the pool is gone only at thread exit).
+        Ok(Some(None)) | Err(_) => Some(fresh_memory(cap)),
     }
+}
+
+/// `cap` zeroed bytes from the allocator.
+fn fresh_memory(cap: usize) -> NonNull<u8> {
     // SAFETY: the layout has a non-zero size.
     let raw = unsafe { alloc::alloc_zeroed(layout(cap)) };
     match NonNull::new(raw) {
@@ -142,14 +154,21 @@ fn alloc_memory(cap: usize) -> NonNull<u8> {
     }
 }
 
-fn free_memory(ptr: NonNull<u8>, cap: usize) {
-    let kept = POOL
+/// Gives `cap` bytes at `ptr` back to the pool (or the allocator), and a
+/// budgeted allocation's share of the budget (waking the reactor if
+/// someone waits for it).
+fn free_memory(ptr: NonNull<u8>, cap: usize, budgeted: bool) {
+    let (kept, wake) = POOL
         .try_with(|p| {
             let Ok(mut p) = p.try_borrow_mut() else {
-                return false;
+                return (false, false);
             };
             p.live = p.live.saturating_sub(1);
-            match class_of(cap).filter(|&c| cap == 1 << (c as u32 + MIN_CLASS_SHIFT)) {
+            let wake = budgeted && {
+                p.budget_used_bytes = p.budget_used_bytes.saturating_sub(cap);
+                std::mem::take(&mut p.budget_waiter)
+            };
+            let kept = match class_of(cap).filter(|&c| cap == 1 << (c as u32 + MIN_CLASS_SHIFT)) {
                 Some(c)
                     if (p.free[c].len() + 1) * cap <= POOL_FREE_BYTES_PER_CLASS
                         && p.free_bytes + cap <= POOL_FREE_BYTES_PER_CORE =>
@@ -159,12 +178,16 @@ fn free_memory(ptr: NonNull<u8>, cap: usize) {
                     true
                 }
                 _ => false,
-            }
+            };
+            (kept, wake)
         })
-        .unwrap_or(false);
+        .unwrap_or((false, false));
     if !kept {
         // SAFETY: allocated by `alloc_memory` with this capacity.
         unsafe { alloc::dealloc(ptr.as_ptr(), layout(cap)) }
+    }
+    if wake {
+        reactor::wake_loop();
     }
 }
 
@@ -230,7 +253,7 @@ impl IoBuf {
     /// An aligned buffer of `len` bytes from this core's pool; its contents
     /// are unspecified (zero when fresh, old data when recycled).
     pub fn new(len: usize) -> IoBuf {
-        IoBuf::alloc(len, false)
+        IoBuf::alloc(len)
     }
 
     /// An aligned buffer of `len` zero bytes.
@@ -244,27 +267,26 @@ impl IoBuf {
     /// when that would exceed it (the caller waits for buffers to return).
     pub fn try_budgeted(len: usize) -> Option<IoBuf> {
         let cap = capacity_for(len.max(1));
-        let granted = POOL.with(|p| {
-            let mut p = p.borrow_mut();
-            if p.budget_used_bytes + cap > p.budget_bytes {
-                return false;
-            }
-            p.budget_used_bytes += cap;
-            true
-        });
-        granted.then(|| IoBuf::alloc(len, true))
-    }
-
-    fn alloc(len: usize, budgeted: bool) -> IoBuf {
-        if len == 0 && !budgeted {
-            return IoBuf::empty();
-        }
-        let cap = capacity_for(len.max(1));
-        IoBuf {
-            ptr: alloc_memory(cap),
+        Some(IoBuf {
+            ptr: alloc_memory(cap, true)?,
             len,
             cap,
-            origin: Origin::Owned { budgeted },
+            origin: Origin::Owned { budgeted: true },
+        })
+    }
+
+    fn alloc(len: usize) -> IoBuf {
+        if len == 0 {
+            return IoBuf::empty();
+        }
+        let cap = capacity_for(len);
+        // Only budgeted allocations can be refused.
+        let ptr = alloc_memory(cap, false).unwrap_or_else(|| fresh_memory(cap));
+        IoBuf {
+            ptr,
+            len,
+            cap,
+            origin: Origin::Owned { budgeted: false },
         }
     }
 
@@ -296,7 +318,7 @@ impl IoBuf {
     pub fn resize(&mut self, len: usize) {
         if len > self.cap {
             let budgeted = matches!(self.origin, Origin::Owned { budgeted: true });
-            *self = IoBuf::alloc(len, false);
+            *self = IoBuf::alloc(len);
             debug_assert!(!budgeted, "budgeted buffers are not grown");
         } else {
             self.len = len;
@@ -334,22 +356,7 @@ impl Default for IoBuf {
 impl Drop for IoBuf {
     fn drop(&mut self) {
         if let Origin::Owned { budgeted } = self.origin {
-            free_memory(self.ptr, self.cap);
-            if budgeted {
-                let cap = self.cap;
-                let wake = POOL
-                    .try_with(|p| match p.try_borrow_mut() {
-                        Ok(mut p) => {
-                            p.budget_used_bytes = p.budget_used_bytes.saturating_sub(cap);
-                            std::mem::take(&mut p.budget_waiter)
-                        }
-                        Err(_) => false,
-                    })
-                    .unwrap_or(false);
-                if wake {
-                    reactor::wake_loop();
-                }
-            }
+            free_memory(self.ptr, self.cap, budgeted);
         }
     }
 }
