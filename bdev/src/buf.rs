@@ -56,6 +56,7 @@ pub const POOL_FREE_BYTES_PER_CORE: usize = 32 << 20;
 /// otherwise: SPDK's TCP transport default of 511 shared 128 KiB buffers.
 pub const DEFAULT_BUDGET_BYTES_PER_CORE: usize = 511 * (128 << 10);
 
+#[inline]
 fn class_of(len: usize) -> Option<usize> {
     let shift = len
         .max(1 << MIN_CLASS_SHIFT)
@@ -72,6 +73,7 @@ fn layout(cap: usize) -> Layout {
 
 /// The capacity an allocation of `len` bytes gets (what it costs the
 /// budget, for a budgeted one).
+#[inline]
 pub fn capacity_for(len: usize) -> usize {
     match class_of(len) {
         Some(c) => 1 << (c as u32 + MIN_CLASS_SHIFT),
@@ -105,19 +107,23 @@ impl Drop for Pool {
 }
 
 thread_local! {
-    static POOL: RefCell<Pool> = RefCell::new(Pool {
-        free: Default::default(),
-        free_bytes: 0,
-        budget_bytes: DEFAULT_BUDGET_BYTES_PER_CORE,
-        budget_used_bytes: 0,
-        budget_waiter: false,
-        live: 0,
-    });
+    // Const-initialised: reached on every I/O, with no lazy-init check.
+    static POOL: RefCell<Pool> = const {
+        RefCell::new(Pool {
+            free: [const { Vec::new() }; CLASSES],
+            free_bytes: 0,
+            budget_bytes: DEFAULT_BUDGET_BYTES_PER_CORE,
+            budget_used_bytes: 0,
+            budget_waiter: false,
+            live: 0,
+        })
+    };
 }
 
 /// `cap` bytes, from this core's pool or the allocator; `budgeted`: also
 /// charged to the core's budget, None if that would exceed it (one visit
 /// to the pool either way: this is per I/O).
+#[inline]
 fn alloc_memory(cap: usize, budgeted: bool) -> Option<NonNull<u8>> {
     debug_assert!(cap > 0 && cap.is_multiple_of(IO_BUF_ALIGN));
     let class = class_of(cap).filter(|&c| cap == 1 << (c as u32 + MIN_CLASS_SHIFT));
@@ -145,6 +151,8 @@ fn alloc_memory(cap: usize, budgeted: bool) -> Option<NonNull<u8>> {
 }
 
 /// `cap` zeroed bytes from the allocator.
+#[cold]
+#[inline(never)]
 fn fresh_memory(cap: usize) -> NonNull<u8> {
     // SAFETY: the layout has a non-zero size.
     let raw = unsafe { alloc::alloc_zeroed(layout(cap)) };
@@ -265,6 +273,7 @@ impl IoBuf {
 
     /// Like [`IoBuf::new`], but counted against this core's budget: None
     /// when that would exceed it (the caller waits for buffers to return).
+    #[inline]
     pub fn try_budgeted(len: usize) -> Option<IoBuf> {
         let cap = capacity_for(len.max(1));
         Some(IoBuf {
@@ -354,6 +363,9 @@ impl Default for IoBuf {
 }
 
 impl Drop for IoBuf {
+    // Inline: most drops are of empty buffers (a slot's between commands),
+    // which must cost a compare, not a call.
+    #[inline]
     fn drop(&mut self) {
         if let Origin::Owned { budgeted } = self.origin {
             free_memory(self.ptr, self.cap, budgeted);

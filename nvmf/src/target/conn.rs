@@ -845,6 +845,7 @@ impl ConnState {
     /// A complete CapsuleCmd at the front of the receive buffer: handled
     /// (None), or not taken yet for want of a resource (the stall; nothing
     /// of it has been done).
+    #[inline]
     fn capsule(
         &mut self,
         conn: &Rc<Connection>,
@@ -957,8 +958,10 @@ impl ConnState {
                     return Ok(Some(Stall::Slot));
                 };
                 if let Some(r) = q.reqs.get_mut(i) {
-                    r.in_place = in_place;
-                    r.buf = copy;
+                    if dl > 0 {
+                        r.in_place = in_place;
+                        r.buf = copy;
+                    }
                     r.received = dl;
                 }
                 self.start_io(conn, i);
@@ -1112,6 +1115,7 @@ impl ConnState {
     /// Starts the I/O command in slot `i` (its in-capsule data, if any,
     /// already in the slot): plans it, then gets its data buffers and goes
     /// on, or queues it behind those already waiting for buffers.
+    #[inline]
     fn start_io(&mut self, conn: &Rc<Connection>, i: u16) {
         let Queue::Io(q) = &mut self.queue else {
             return;
@@ -1148,13 +1152,16 @@ impl ConnState {
             PENDING_DATA_BUFFER.with(|c| c.set(c.get() + 1));
             return;
         }
-        if !matches!(plan.transfer, Transfer::ToController(_)) || r.received > 0 {
-            r.ns = Some(NsUse::new(ns));
+        if matches!(plan.transfer, Transfer::ToController(_)) && r.received == 0 {
+            // The R2T.
+            return self.proceed(conn, i);
         }
-        self.proceed(conn, i);
+        r.ns = Some(NsUse::new(ns));
+        self.execute(conn, i);
     }
 
     /// Slot `i` has its buffers: asks the host for its data, or executes.
+    #[inline]
     fn proceed(&mut self, conn: &Rc<Connection>, i: u16) {
         let Queue::Io(q) = &mut self.queue else {
             return;
@@ -1187,6 +1194,7 @@ impl ConnState {
 
     /// Gives the commands waiting for data buffers theirs, oldest first,
     /// while the core's budget lasts. Returns whether any went on.
+    #[inline]
     fn retry_pending(&mut self, conn: &Rc<Connection>) -> bool {
         let mut any = false;
         loop {
@@ -1524,6 +1532,7 @@ impl ConnState {
 
     /// Tells epoll what this connection waits for: input unless stalled,
     /// room to write while output is blocked (only when that changed).
+    #[inline]
     fn update_interest(&mut self) {
         let want = (self.stalled.is_none(), self.out_blocked);
         if want != self.interest && !self.closed {
@@ -1536,9 +1545,13 @@ impl ConnState {
 /// Gets slot `r`'s data buffers for its planned transfer from the core's
 /// budget (the host's data by R2T, a read's destination, a Compare's
 /// blocks); false, holding none of them, if the budget is spent.
+#[inline]
 fn acquire_buffers(r: &mut Request) -> bool {
     let Some(plan) = r.plan else { return true };
     let (buf_len, aux_len) = match plan.transfer {
+        // A read: the common case, one buffer.
+        Transfer::ToHost(len) => return budgeted(&mut r.buf, len),
+        Transfer::None => return true,
         Transfer::ToController(len) => (
             if r.received == 0 { len } else { 0 },
             if r.sqe.opcode() == opc::COMPARE {
@@ -1547,27 +1560,33 @@ fn acquire_buffers(r: &mut Request) -> bool {
                 0
             },
         ),
-        Transfer::ToHost(len) => (len, 0),
-        Transfer::None => (0, 0),
     };
-    let mut took = false;
-    if buf_len > 0 && r.buf.is_empty() {
-        let Some(b) = IoBuf::try_budgeted(buf_len) else {
-            return false;
-        };
-        r.buf = b;
-        took = true;
+    let had = !r.buf.is_empty();
+    if buf_len > 0 && !budgeted(&mut r.buf, buf_len) {
+        return false;
     }
-    if aux_len > 0 && r.aux.is_empty() {
-        let Some(b) = IoBuf::try_budgeted(aux_len) else {
-            if took {
-                r.buf = IoBuf::empty();
-            }
-            return false;
-        };
-        r.aux = b;
+    if aux_len > 0 && !budgeted(&mut r.aux, aux_len) {
+        if !had {
+            r.buf = IoBuf::empty();
+        }
+        return false;
     }
     true
+}
+
+/// `b` holds data already, or gets `len` bytes of the core's budget.
+#[inline]
+fn budgeted(b: &mut IoBuf, len: usize) -> bool {
+    if !b.is_empty() {
+        return true;
+    }
+    match IoBuf::try_budgeted(len) {
+        Some(x) => {
+            *b = x;
+            true
+        }
+        None => false,
+    }
 }
 
 /// Spawns work for a connection from inside the poll group. glommio may
@@ -1582,6 +1601,7 @@ fn spawn_after_poll(fut: impl std::future::Future<Output = ()> + 'static) {
 
 /// Queues the header of a C2HData carrying `len` bytes of command `cid`
 /// (the data follows it).
+#[inline]
 fn push_c2h_header(send: &mut SendQueue, cid: u16, len: usize, digests: Digests) {
     let mut hdr = [0u8; SHORT_HLEN + DIGEST_BYTES];
     let n = DataHeader {
@@ -1595,12 +1615,14 @@ fn push_c2h_header(send: &mut SendQueue, cid: u16, len: usize, digests: Digests)
 }
 
 /// Queues the data digest of `data` when negotiated.
+#[inline]
 fn push_data_digest(send: &mut SendQueue, data: &[u8], digests: Digests) {
     if digests.data {
         send.push_bytes(&crate::wire::crc32c_digest(data).to_le_bytes());
     }
 }
 
+#[inline]
 fn push_capsule_resp(send: &mut SendQueue, c: &Cqe, digests: Digests) {
     let mut rsp = [0u8; SHORT_HLEN + DIGEST_BYTES];
     let n = encode_capsule_resp(&mut rsp, c, digests);

@@ -97,6 +97,7 @@ impl RequestTable {
 
     /// A free slot set up for `sqe`, or None if the host has more commands
     /// outstanding than its queue holds.
+    #[inline]
     pub fn alloc(&mut self, sqe: Sqe) -> Option<u16> {
         let i = self.free.pop()?;
         let r = &mut self.slots[i as usize];
@@ -110,6 +111,7 @@ impl RequestTable {
         Some(i)
     }
 
+    #[inline]
     pub fn release(&mut self, i: u16) {
         let r = &mut self.slots[i as usize];
         debug_assert!(r.state != SlotState::Free);
@@ -124,6 +126,7 @@ impl RequestTable {
         self.free.push(i);
     }
 
+    #[inline]
     pub fn has_free(&self) -> bool {
         !self.free.is_empty()
     }
@@ -136,10 +139,12 @@ impl RequestTable {
             .all(|r| r.state == SlotState::AwaitingData)
     }
 
+    #[inline]
     pub fn get(&self, i: u16) -> Option<&Request> {
         self.slots.get(i as usize)
     }
 
+    #[inline]
     pub fn get_mut(&mut self, i: u16) -> Option<&mut Request> {
         self.slots.get_mut(i as usize)
     }
@@ -157,6 +162,7 @@ impl RequestTable {
     }
 
     /// What a read sends: the lent view if the bdev lent one, else `buf`.
+    #[inline]
     pub fn read_data(&self, i: u16) -> &[u8] {
         match self.slots.get(i as usize) {
             Some(r) if !r.lent.is_empty() => r.lent.as_slice(),

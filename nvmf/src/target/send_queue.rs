@@ -49,18 +49,21 @@ impl SendQueue {
         }
     }
 
+    #[inline]
     pub fn is_empty(&self) -> bool {
         self.segments.is_empty()
     }
 
     /// Bytes of PDUs copied in and held (sent ones not yet compacted away
     /// included); slot data is not counted (the slots own it).
+    #[inline]
     pub fn queued_bytes(&self) -> usize {
         self.bytes.len()
     }
 
     /// Appends a copy of `b` (merged with the previous segment when that
     /// one is bytes too).
+    #[inline]
     pub fn push_bytes(&mut self, b: &[u8]) {
         if b.is_empty() {
             return;
@@ -79,6 +82,7 @@ impl SendQueue {
 
     /// Appends `len` bytes of `slot`'s buffer from `start`, sent from
     /// where they lie. An empty range still reports the slot done.
+    #[inline]
     pub fn push_slot(&mut self, slot: u16, start: usize, len: usize) {
         self.segments.push_back(Segment::Slot {
             slot,
@@ -89,6 +93,7 @@ impl SendQueue {
 
     /// Fills `out` with the queued data, in order, up to its length;
     /// `slot_data(slot)` gives a slot's buffer. Returns the slices filled.
+    #[inline]
     pub fn gather<'a>(
         &'a self,
         slot_data: impl Fn(u16) -> &'a [u8],
@@ -118,6 +123,7 @@ impl SendQueue {
 
     /// Drops `sent` bytes from the front; `slot_done` gets each slot whose
     /// segment is now fully sent.
+    #[inline]
     pub fn advance(&mut self, mut sent: usize, mut slot_done: impl FnMut(u16)) {
         while let Some(seg) = self.segments.front() {
             let left = seg.len() - self.head_sent;
