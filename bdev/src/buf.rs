@@ -65,6 +65,15 @@ fn class_of(len: usize) -> Option<usize> {
     (shift <= MAX_CLASS_SHIFT).then(|| (shift - MIN_CLASS_SHIFT) as usize)
 }
 
+/// The size class whose buffers are exactly `cap` bytes, if any (what an
+/// allocation of that capacity is recycled as).
+#[inline]
+fn pooled_class(cap: usize) -> Option<usize> {
+    let shift = cap.trailing_zeros();
+    (cap.is_power_of_two() && (MIN_CLASS_SHIFT..=MAX_CLASS_SHIFT).contains(&shift))
+        .then(|| (shift - MIN_CLASS_SHIFT) as usize)
+}
+
 fn layout(cap: usize) -> Layout {
     // Cannot fail: IO_BUF_ALIGN is a power of two and sizes stay far below
     // isize::MAX.
@@ -126,7 +135,7 @@ thread_local! {
 #[inline]
 fn alloc_memory(cap: usize, budgeted: bool) -> Option<NonNull<u8>> {
     debug_assert!(cap > 0 && cap.is_multiple_of(IO_BUF_ALIGN));
-    let class = class_of(cap).filter(|&c| cap == 1 << (c as u32 + MIN_CLASS_SHIFT));
+    let class = pooled_class(cap);
     let recycled = POOL.try_with(|p| {
         let mut p = p.borrow_mut();
         if budgeted {
@@ -176,7 +185,7 @@ fn free_memory(ptr: NonNull<u8>, cap: usize, budgeted: bool) {
                 p.budget_used_bytes = p.budget_used_bytes.saturating_sub(cap);
                 std::mem::take(&mut p.budget_waiter)
             };
-            let kept = match class_of(cap).filter(|&c| cap == 1 << (c as u32 + MIN_CLASS_SHIFT)) {
+            let kept = match pooled_class(cap) {
                 Some(c)
                     if (p.free[c].len() + 1) * cap <= POOL_FREE_BYTES_PER_CLASS
                         && p.free_bytes + cap <= POOL_FREE_BYTES_PER_CORE =>
