@@ -200,11 +200,11 @@ fn batch(io: &mut HostQueue, cmds: &[(Sqe, Vec<u8>)]) -> HashMap<u16, (Status, V
     out
 }
 
-/// The well-behaved host: rounds of writes (in-capsule 4 KiB and 32 KiB
-/// by R2T) to namespace 1, then reads of the same blocks, compared.
-/// Returns the slowest round.
+/// The well-behaved host: rounds of a Keep Alive, writes (in-capsule 4 KiB
+/// and 32 KiB by R2T) to namespace 1, then reads of the same blocks,
+/// compared.
 struct GoodHost {
-    _admin: HostQueue,
+    admin: HostQueue,
     io: HostQueue,
     round: u64,
 }
@@ -214,7 +214,7 @@ impl GoodHost {
         let admin = admin_queue(addr);
         let io = io_queue(addr, admin.cntlid, 1, 15).expect("I/O Connect");
         GoodHost {
-            _admin: admin,
+            admin,
             io,
             round: 0,
         }
@@ -225,6 +225,13 @@ impl GoodHost {
         let start = Instant::now();
         let r = self.round;
         self.round += 1;
+        // As a host does: its 30 s keep-alive timeout never runs out.
+        let (_, c) = command(&mut self.admin, &admin_sqe(0x18, 99, 0, 0, 0), &[]);
+        assert!(
+            c.status().is_success(),
+            "good host: Keep Alive: {:?}",
+            c.status()
+        );
         let base = (r * 40) % (BLOCKS - 40);
         let mut cmds = Vec::new();
         let mut expect: HashMap<u64, Vec<u8>> = HashMap::new();
@@ -329,10 +336,12 @@ fn flood_bound(connections: usize, queue_entries: usize) -> u64 {
     )
 }
 
-/// Connects an admin and an I/O queue of `sqsize` and hands back their
-/// sockets, for a host that drives them itself.
+/// Connects an admin queue (no keep-alive timeout: the host sends none)
+/// and an I/O queue of `sqsize` and hands back their sockets, for a host
+/// that drives them itself.
 fn raw_queues(addr: SocketAddr, sqsize: u16) -> (TcpStream, TcpStream) {
-    let admin = admin_queue(addr);
+    let admin = HostQueue::connect_kato(addr, NQN, HOSTNQN, 0, 0, 31, Digests::default(), 0)
+        .expect("admin Connect");
     let io = io_queue(addr, admin.cntlid, 1, sqsize).expect("I/O Connect");
     (
         admin.into_stream().expect("admin socket"),
@@ -460,7 +469,8 @@ fn r2t_flooder(
     stop: Arc<AtomicBool>,
     stats: Arc<FloodStats>,
 ) -> std::thread::JoinHandle<()> {
-    let admin = admin_queue(addr);
+    let admin = HostQueue::connect_kato(addr, NQN, HOSTNQN, 0, 0, 31, Digests::default(), 0)
+        .expect("admin Connect");
     let mut io = io_queue(addr, admin.cntlid, 1, 31).expect("I/O Connect");
     std::thread::spawn(move || {
         let _admin = admin;
