@@ -39,4 +39,18 @@ pub struct Cli {
     /// Reactor poll mode: adaptive (park when idle) or busy (always spin).
     #[arg(long = "poll-mode", default_value = "adaptive", value_parser = ["adaptive", "busy"])]
     pub poll_mode: String,
+
+    /// NVMe/TCP connections the target keeps at once; more are closed as
+    /// soon as they are accepted.
+    #[arg(long = "nvmf-max-connections",
+          default_value_t = nvmf::target::limits::DEFAULT_MAX_CONNECTIONS as u64,
+          value_parser = clap::value_parser!(u64).range(1..=1 << 20))]
+    pub nvmf_max_connections: u64,
+
+    /// Milliseconds a new NVMe/TCP connection has to send its ICReq and get
+    /// a Connect accepted before it is closed.
+    #[arg(long = "nvmf-connect-timeout-ms",
+          default_value_t = nvmf::target::limits::DEFAULT_CONNECT_TIMEOUT.as_millis() as u64,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub nvmf_connect_timeout_ms: u64,
 }

@@ -56,6 +56,10 @@ fn main() {
             std::process::exit(1);
         }
     };
+    nvmf::target::limits::set_max_connections(cli.nvmf_max_connections as usize);
+    nvmf::target::limits::set_connect_timeout(std::time::Duration::from_millis(
+        cli.nvmf_connect_timeout_ms,
+    ));
     let mode = PollMode::parse(&cli.poll_mode).unwrap_or(PollMode::Adaptive);
     let sigset = block_signals();
     let config = RuntimeConfig::new(cores).poll_mode(mode);

@@ -16,7 +16,8 @@
 //!   reach the allocator. *Budgeted* allocations
 //!   ([`IoBuf::try_budgeted`]) are those a remote client can make us take
 //!   (transport data buffers): they count against a per-core budget and
-//!   fail, rather than grow, when it is spent.
+//!   fail, rather than grow, when it is spent; a caller that has to wait
+//!   asks to be woken ([`wake_on_budget_return`]) when one comes back.
 //!
 //! Invariants:
 //! - Memory is aligned to [`IO_BUF_ALIGN`] and always initialised (fresh
@@ -47,11 +48,15 @@ const CLASSES: usize = (MAX_CLASS_SHIFT - MIN_CLASS_SHIFT + 1) as usize;
 /// Free memory kept per size class per core. Beyond it buffers are freed:
 /// a burst does not pin its peak for ever.
 const POOL_FREE_BYTES_PER_CLASS: usize = 16 << 20;
+/// Free memory kept per core over all classes: with the budget, what bounds
+/// the memory a core's I/O buffers hold (live budgeted buffers plus this).
+pub const POOL_FREE_BYTES_PER_CORE: usize = 32 << 20;
 
 /// Budget of [`IoBuf::try_budgeted`] allocations per core unless set
 /// otherwise: SPDK's TCP transport default of 511 shared 128 KiB buffers.
 pub const DEFAULT_BUDGET_BYTES_PER_CORE: usize = 511 * (128 << 10);
 
+#[inline]
 fn class_of(len: usize) -> Option<usize> {
     let shift = len
         .max(1 << MIN_CLASS_SHIFT)
@@ -60,14 +65,25 @@ fn class_of(len: usize) -> Option<usize> {
     (shift <= MAX_CLASS_SHIFT).then(|| (shift - MIN_CLASS_SHIFT) as usize)
 }
 
+/// The size class whose buffers are exactly `cap` bytes, if any (what an
+/// allocation of that capacity is recycled as).
+#[inline]
+fn pooled_class(cap: usize) -> Option<usize> {
+    let shift = cap.trailing_zeros();
+    (cap.is_power_of_two() && (MIN_CLASS_SHIFT..=MAX_CLASS_SHIFT).contains(&shift))
+        .then(|| (shift - MIN_CLASS_SHIFT) as usize)
+}
+
 fn layout(cap: usize) -> Layout {
     // Cannot fail: IO_BUF_ALIGN is a power of two and sizes stay far below
     // isize::MAX.
     Layout::from_size_align(cap, IO_BUF_ALIGN).expect("I/O buffer layout")
 }
 
-/// The capacity an allocation of `len` bytes gets.
-fn capacity_for(len: usize) -> usize {
+/// The capacity an allocation of `len` bytes gets (what it costs the
+/// budget, for a budgeted one).
+#[inline]
+pub fn capacity_for(len: usize) -> usize {
     match class_of(len) {
         Some(c) => 1 << (c as u32 + MIN_CLASS_SHIFT),
         None => len.div_ceil(IO_BUF_ALIGN) * IO_BUF_ALIGN,
@@ -76,8 +92,13 @@ fn capacity_for(len: usize) -> usize {
 
 struct Pool {
     free: [Vec<NonNull<u8>>; CLASSES],
+    /// Bytes in `free`, over all classes.
+    free_bytes: usize,
     budget_bytes: usize,
     budget_used_bytes: usize,
+    /// Someone waits for budget: the next budgeted buffer returned wakes
+    /// the reactor.
+    budget_waiter: bool,
     /// Allocations made and not yet freed or recycled, for tests and stats.
     live: usize,
 }
@@ -95,29 +116,53 @@ impl Drop for Pool {
 }
 
 thread_local! {
-    static POOL: RefCell<Pool> = RefCell::new(Pool {
-        free: Default::default(),
-        budget_bytes: DEFAULT_BUDGET_BYTES_PER_CORE,
-        budget_used_bytes: 0,
-        live: 0,
-    });
+    // Const-initialised: reached on every I/O, with no lazy-init check.
+    static POOL: RefCell<Pool> = const {
+        RefCell::new(Pool {
+            free: [const { Vec::new() }; CLASSES],
+            free_bytes: 0,
+            budget_bytes: DEFAULT_BUDGET_BYTES_PER_CORE,
+            budget_used_bytes: 0,
+            budget_waiter: false,
+            live: 0,
+        })
+    };
 }
 
-/// `cap` bytes, from this core's pool or the allocator.
-fn alloc_memory(cap: usize) -> NonNull<u8> {
+/// `cap` bytes, from this core's pool or the allocator; `budgeted`: also
+/// charged to the core's budget, None if that would exceed it (one visit
+/// to the pool either way: this is per I/O).
+#[inline]
+fn alloc_memory(cap: usize, budgeted: bool) -> Option<NonNull<u8>> {
     debug_assert!(cap > 0 && cap.is_multiple_of(IO_BUF_ALIGN));
-    let class = class_of(cap).filter(|&c| cap == 1 << (c as u32 + MIN_CLASS_SHIFT));
-    let recycled = POOL
-        .try_with(|p| {
-            let mut p = p.borrow_mut();
-            p.live += 1;
-            class.and_then(|c| p.free[c].pop())
-        })
-        .ok()
-        .flatten();
-    if let Some(p) = recycled {
-        return p;
+    let class = pooled_class(cap);
+    let recycled = POOL.try_with(|p| {
+        let mut p = p.borrow_mut();
+        if budgeted {
+            if p.budget_used_bytes + cap > p.budget_bytes {
+                return None;
+            }
+            p.budget_used_bytes += cap;
+        }
+        p.live += 1;
+        let got = class.and_then(|c| p.free[c].pop());
+        if got.is_some() {
+            p.free_bytes -= cap;
+        }
+        Some(got)
+    });
+    match recycled {
+        Ok(None) => None,
+        Ok(Some(Some(p))) => Some(p),
+        // Fresh memory (the pool is gone only at thread exit).
+        Ok(Some(None)) | Err(_) => Some(fresh_memory(cap)),
     }
+}
+
+/// `cap` zeroed bytes from the allocator.
+#[cold]
+#[inline(never)]
+fn fresh_memory(cap: usize) -> NonNull<u8> {
     // SAFETY: the layout has a non-zero size.
     let raw = unsafe { alloc::alloc_zeroed(layout(cap)) };
     match NonNull::new(raw) {
@@ -126,25 +171,40 @@ fn alloc_memory(cap: usize) -> NonNull<u8> {
     }
 }
 
-fn free_memory(ptr: NonNull<u8>, cap: usize) {
-    let kept = POOL
+/// Gives `cap` bytes at `ptr` back to the pool (or the allocator), and a
+/// budgeted allocation's share of the budget (waking the reactor if
+/// someone waits for it).
+fn free_memory(ptr: NonNull<u8>, cap: usize, budgeted: bool) {
+    let (kept, wake) = POOL
         .try_with(|p| {
             let Ok(mut p) = p.try_borrow_mut() else {
-                return false;
+                return (false, false);
             };
             p.live = p.live.saturating_sub(1);
-            match class_of(cap).filter(|&c| cap == 1 << (c as u32 + MIN_CLASS_SHIFT)) {
-                Some(c) if (p.free[c].len() + 1) * cap <= POOL_FREE_BYTES_PER_CLASS => {
+            let wake = budgeted && {
+                p.budget_used_bytes = p.budget_used_bytes.saturating_sub(cap);
+                std::mem::take(&mut p.budget_waiter)
+            };
+            let kept = match pooled_class(cap) {
+                Some(c)
+                    if (p.free[c].len() + 1) * cap <= POOL_FREE_BYTES_PER_CLASS
+                        && p.free_bytes + cap <= POOL_FREE_BYTES_PER_CORE =>
+                {
                     p.free[c].push(ptr);
+                    p.free_bytes += cap;
                     true
                 }
                 _ => false,
-            }
+            };
+            (kept, wake)
         })
-        .unwrap_or(false);
+        .unwrap_or((false, false));
     if !kept {
         // SAFETY: allocated by `alloc_memory` with this capacity.
         unsafe { alloc::dealloc(ptr.as_ptr(), layout(cap)) }
+    }
+    if wake {
+        reactor::wake_loop();
     }
 }
 
@@ -164,6 +224,19 @@ pub fn budget_bytes() -> (usize, usize) {
 /// Buffers allocated on this core and not yet dropped.
 pub fn live_buffers() -> usize {
     POOL.with(|p| p.borrow().live)
+}
+
+/// Free memory this core's pool keeps for reuse, in bytes (at most
+/// [`POOL_FREE_BYTES_PER_CORE`]).
+pub fn pool_free_bytes() -> usize {
+    POOL.with(|p| p.borrow().free_bytes)
+}
+
+/// A [`IoBuf::try_budgeted`] allocation failed and its caller waits: the
+/// next budgeted buffer returned on this core wakes the reactor (if parked),
+/// so the waiter retries at its next poll. Once per call.
+pub fn wake_on_budget_return() {
+    POOL.with(|p| p.borrow_mut().budget_waiter = true);
 }
 
 enum Origin {
@@ -197,7 +270,7 @@ impl IoBuf {
     /// An aligned buffer of `len` bytes from this core's pool; its contents
     /// are unspecified (zero when fresh, old data when recycled).
     pub fn new(len: usize) -> IoBuf {
-        IoBuf::alloc(len, false)
+        IoBuf::alloc(len)
     }
 
     /// An aligned buffer of `len` zero bytes.
@@ -209,29 +282,29 @@ impl IoBuf {
 
     /// Like [`IoBuf::new`], but counted against this core's budget: None
     /// when that would exceed it (the caller waits for buffers to return).
+    #[inline]
     pub fn try_budgeted(len: usize) -> Option<IoBuf> {
         let cap = capacity_for(len.max(1));
-        let granted = POOL.with(|p| {
-            let mut p = p.borrow_mut();
-            if p.budget_used_bytes + cap > p.budget_bytes {
-                return false;
-            }
-            p.budget_used_bytes += cap;
-            true
-        });
-        granted.then(|| IoBuf::alloc(len, true))
-    }
-
-    fn alloc(len: usize, budgeted: bool) -> IoBuf {
-        if len == 0 && !budgeted {
-            return IoBuf::empty();
-        }
-        let cap = capacity_for(len.max(1));
-        IoBuf {
-            ptr: alloc_memory(cap),
+        Some(IoBuf {
+            ptr: alloc_memory(cap, true)?,
             len,
             cap,
-            origin: Origin::Owned { budgeted },
+            origin: Origin::Owned { budgeted: true },
+        })
+    }
+
+    fn alloc(len: usize) -> IoBuf {
+        if len == 0 {
+            return IoBuf::empty();
+        }
+        let cap = capacity_for(len);
+        // Only budgeted allocations can be refused.
+        let ptr = alloc_memory(cap, false).unwrap_or_else(|| fresh_memory(cap));
+        IoBuf {
+            ptr,
+            len,
+            cap,
+            origin: Origin::Owned { budgeted: false },
         }
     }
 
@@ -263,7 +336,7 @@ impl IoBuf {
     pub fn resize(&mut self, len: usize) {
         if len > self.cap {
             let budgeted = matches!(self.origin, Origin::Owned { budgeted: true });
-            *self = IoBuf::alloc(len, false);
+            *self = IoBuf::alloc(len);
             debug_assert!(!budgeted, "budgeted buffers are not grown");
         } else {
             self.len = len;
@@ -299,17 +372,12 @@ impl Default for IoBuf {
 }
 
 impl Drop for IoBuf {
+    // Inline: most drops are of empty buffers (a slot's between commands),
+    // which must cost a compare, not a call.
+    #[inline]
     fn drop(&mut self) {
         if let Origin::Owned { budgeted } = self.origin {
-            free_memory(self.ptr, self.cap);
-            if budgeted {
-                let cap = self.cap;
-                let _ = POOL.try_with(|p| {
-                    if let Ok(mut p) = p.try_borrow_mut() {
-                        p.budget_used_bytes = p.budget_used_bytes.saturating_sub(cap);
-                    }
-                });
-            }
+            free_memory(self.ptr, self.cap, budgeted);
         }
     }
 }
@@ -555,11 +623,34 @@ mod tests {
         let c = IoBuf::try_budgeted(4096).expect("third");
         assert!(IoBuf::try_budgeted(1).is_none(), "over budget");
         assert_eq!(budget_bytes().1, used0 + 3 * 4096);
+        // A waiter is woken by the next return, once.
+        wake_on_budget_return();
         drop(b);
+        assert!(
+            !POOL.with(|p| p.borrow().budget_waiter),
+            "the return took the waiter"
+        );
         assert!(IoBuf::try_budgeted(4096).is_some());
         drop((a, c));
         assert_eq!(budget_bytes().1, used0);
         set_budget_bytes(DEFAULT_BUDGET_BYTES_PER_CORE);
+    }
+
+    #[test]
+    // Allocates 48 MiB: too slow under Miri, and no raw views involved.
+    #[cfg_attr(miri, ignore)]
+    fn the_pool_keeps_a_bounded_amount_of_free_memory() {
+        let before = pool_free_bytes();
+        // 16 MiB in each of three classes: each within its class's cap,
+        // together above the core's.
+        let bufs: Vec<IoBuf> = [128 << 10, 64 << 10, 32 << 10]
+            .iter()
+            .flat_map(|&len| (0..(16 << 20) / len).map(move |_| IoBuf::new(len)))
+            .collect();
+        drop(bufs);
+        let kept = pool_free_bytes();
+        assert!(kept <= POOL_FREE_BYTES_PER_CORE, "kept {kept}");
+        assert!(kept >= before.max(16 << 20), "the pool still recycles");
     }
 
     #[test]

@@ -136,8 +136,8 @@ pub struct HostQueue {
 }
 
 impl HostQueue {
-    /// Connects the queue `qid` (0: admin, creating a controller) of
-    /// `subnqn` as `hostnqn`.
+    /// Connects the queue `qid` (0: admin, creating a controller with a
+    /// 30 s keep-alive timeout) of `subnqn` as `hostnqn`.
     pub fn connect(
         addr: SocketAddr,
         subnqn: &str,
@@ -146,6 +146,23 @@ impl HostQueue {
         cntlid: u16,
         sqsize: u16,
         digests: Digests,
+    ) -> Result<HostQueue, HostError> {
+        let kato_ms = if qid == 0 { 30_000 } else { 0 };
+        Self::connect_kato(addr, subnqn, hostnqn, qid, cntlid, sqsize, digests, kato_ms)
+    }
+
+    /// [`HostQueue::connect`] with the keep-alive timeout to ask for (an
+    /// admin queue; 0: none).
+    #[allow(clippy::too_many_arguments)]
+    pub fn connect_kato(
+        addr: SocketAddr,
+        subnqn: &str,
+        hostnqn: &str,
+        qid: u16,
+        cntlid: u16,
+        sqsize: u16,
+        digests: Digests,
+        kato_ms: u32,
     ) -> Result<HostQueue, HostError> {
         let stream = TcpStream::connect(addr)?;
         stream.set_nodelay(true)?;
@@ -181,7 +198,7 @@ impl HostQueue {
         let (sqe, data) = connect_command(
             qid,
             sqsize,
-            if qid == 0 { 30_000 } else { 0 },
+            kato_ms,
             if qid == 0 { CNTLID_DYNAMIC } else { cntlid },
             subnqn,
             hostnqn,
@@ -262,6 +279,16 @@ impl HostQueue {
             off += n;
         }
         Ok(())
+    }
+
+    /// The connected socket, for a caller that drives the queue itself from
+    /// here on (a test host that floods or never reads); None while sends
+    /// or received bytes are still buffered.
+    pub fn into_stream(self) -> Option<TcpStream> {
+        if self.has_buffered_input() || !self.tx.is_empty() {
+            return None;
+        }
+        Some(self.writer.0)
     }
 
     /// Busy-polls the socket (spins on it) instead of sleeping in the

@@ -9,6 +9,10 @@
 //! its host loses access, `changes.rs`); the table of live controllers and
 //! connected queue pairs is on the main reactor, so I/O Connects on any
 //! core can find theirs and a change can find every queue it must close.
+//! A controller has at most the I/O queues Set Features Number of Queues
+//! granted (the transport's `max_io_qpairs_per_ctrlr` until then), each
+//! QID live once; what one admin command returns is at most
+//! `max_io_size` (the MDTS we report).
 
 use std::collections::BTreeMap;
 
@@ -73,13 +77,35 @@ pub struct NamespaceView {
 pub struct ConnectRefusal {
     pub status: Status,
     pub dw0: u32,
+    /// The QID is live on the controller: worth one more look after
+    /// `limits::DUPLICATE_QID_RETRY` (its queue may be closing), as SPDK.
+    pub retry: bool,
+}
+
+impl ConnectRefusal {
+    fn new(status: Status, dw0: u32) -> ConnectRefusal {
+        ConnectRefusal {
+            status,
+            dw0,
+            retry: false,
+        }
+    }
 }
 
 fn invalid_param(ipo: u16, in_data: bool) -> ConnectRefusal {
-    ConnectRefusal {
-        status: Status::command_specific(fabrics_sc::CONNECT_INVALID_PARAMETERS).dnr(),
-        dw0: connect_invalid_param_dw0(ipo, in_data),
-    }
+    ConnectRefusal::new(
+        Status::command_specific(fabrics_sc::CONNECT_INVALID_PARAMETERS).dnr(),
+        connect_invalid_param_dw0(ipo, in_data),
+    )
+}
+
+/// Invalid Queue Identifier, as SPDK answers a QID beyond the controller's
+/// queues or already live (no IPO, no DNR).
+fn invalid_qid() -> ConnectRefusal {
+    ConnectRefusal::new(
+        Status::command_specific(fabrics_sc::INVALID_QUEUE_IDENTIFIER),
+        0,
+    )
 }
 
 /// The table of live controllers (main reactor).
@@ -97,6 +123,9 @@ pub struct ControllerRecord {
     pub hostnqn: String,
     pub hostid: [u8; 16],
     pub io_qpairs: u32,
+    /// I/O queues Set Features Number of Queues granted; 0 until then
+    /// (the transport's maximum applies).
+    pub io_queues_granted: u32,
     /// The admin queue pair's id: only its own closing destroys this
     /// controller (its cntlid may be reused once it is gone).
     pub admin_qpair: u64,
@@ -165,15 +194,18 @@ pub struct QueueSite {
 /// Validates a Connect, creates the controller for an admin queue and
 /// records the queue pair, all at once on the main reactor, so a change
 /// that comes after finds the queue. Returns the cntlid, the subsystem
-/// view and the queue pair's id.
+/// view and the queue pair's id. `retried`: the caller waited after a
+/// refusal marked `retry` (a QID still live is refused for good now).
 pub fn connect(
     cmd: &ConnectCmd,
     data: &ConnectData,
     site: QueueSite,
+    retried: bool,
 ) -> Result<(u16, SubsystemView, u64), ConnectRefusal> {
-    let (cntlid, view) = accept(cmd, data, site.local)?;
+    let (cntlid, view, controller) = accept(cmd, data, site.local, retried)?;
     let id = qpair_connected(QpairRecord {
         cntlid,
+        controller,
         qid: cmd.qid,
         subnqn: data.subnqn.clone(),
         hostnqn: data.hostnqn.clone(),
@@ -187,22 +219,29 @@ pub fn connect(
             if let Some(r) = t.controllers.live.get_mut(&cntlid) {
                 r.admin_qpair = id;
             }
+            // The admin queue's record names its controller by its own id.
+            if let Some(q) = t.controllers.qpairs.get_mut(&id) {
+                q.controller = id;
+            }
         });
     }
     Ok((cntlid, view, id))
 }
 
+/// Checks a Connect; returns the cntlid, the view and, for an I/O queue,
+/// its controller's admin queue pair id (0 for an admin queue).
 fn accept(
     cmd: &ConnectCmd,
     data: &ConnectData,
     local: std::net::SocketAddr,
-) -> Result<(u16, SubsystemView), ConnectRefusal> {
+    retried: bool,
+) -> Result<(u16, SubsystemView, u64), ConnectRefusal> {
     with_target(|t| {
         if cmd.recfmt != 0 {
-            return Err(ConnectRefusal {
-                status: Status::command_specific(fabrics_sc::INCOMPATIBLE_FORMAT).dnr(),
-                dw0: 0,
-            });
+            return Err(ConnectRefusal::new(
+                Status::command_specific(fabrics_sc::INCOMPATIBLE_FORMAT).dnr(),
+                0,
+            ));
         }
         let v = view(t, &data.subnqn, &data.hostnqn)
             .ok_or(invalid_param(connect_offset::SUBNQN, true))?;
@@ -227,10 +266,10 @@ fn accept(
         if !allowed {
             // As SPDK: Connect Invalid Host carries no IPO/IATTR (those
             // belong to Connect Invalid Parameters).
-            return Err(ConnectRefusal {
-                status: Status::command_specific(fabrics_sc::INVALID_HOST).dnr(),
-                dw0: 0,
-            });
+            return Err(ConnectRefusal::new(
+                Status::command_specific(fabrics_sc::INVALID_HOST).dnr(),
+                0,
+            ));
         }
         let depth_limit = if cmd.qid == 0 {
             v.max_aq_depth
@@ -257,10 +296,10 @@ fn accept(
                 }
             }
             let Some(c) = cntlid else {
-                return Err(ConnectRefusal {
-                    status: Status::command_specific(fabrics_sc::CONTROLLER_BUSY),
-                    dw0: 0,
-                });
+                return Err(ConnectRefusal::new(
+                    Status::command_specific(fabrics_sc::CONTROLLER_BUSY),
+                    0,
+                ));
             };
             ctrls.next = c.wrapping_sub(min).wrapping_add(1);
             ctrls.live.insert(
@@ -270,10 +309,11 @@ fn accept(
                     hostnqn: data.hostnqn.clone(),
                     hostid: data.hostid,
                     io_qpairs: 0,
+                    io_queues_granted: 0,
                     admin_qpair: 0,
                 },
             );
-            Ok((c, v))
+            Ok((c, v, 0))
         } else {
             let rec = ctrls
                 .live
@@ -283,11 +323,57 @@ fn accept(
             if rec.hostnqn != data.hostnqn {
                 return Err(invalid_param(connect_offset::HOSTNQN, true));
             }
-            if cmd.qid as u32 > v.max_io_qpairs {
-                return Err(invalid_param(connect_offset::QID, false));
+            // QIDs 1..=n for the n I/O queues the controller has (SPDK
+            // checks the transport's maximum only; a grant below it is
+            // what the host was told it may use).
+            let queues = match rec.io_queues_granted {
+                0 => v.max_io_qpairs,
+                n => n.min(v.max_io_qpairs),
+            };
+            if cmd.qid as u32 > queues {
+                log::warn!(
+                    "controller {} of {}: Connect for QID {} beyond its {queues} I/O queues",
+                    data.cntlid,
+                    data.subnqn,
+                    cmd.qid
+                );
+                return Err(invalid_qid());
+            }
+            let controller = rec.admin_qpair;
+            let live = ctrls
+                .qpairs
+                .values()
+                .any(|q| q.controller == controller && q.qid == cmd.qid);
+            if live {
+                log::warn!(
+                    "controller {} of {}: Connect for QID {}, which is live{}",
+                    data.cntlid,
+                    data.subnqn,
+                    cmd.qid,
+                    if retried { "" } else { " (checking again)" }
+                );
+                return Err(ConnectRefusal {
+                    retry: !retried,
+                    ..invalid_qid()
+                });
             }
             rec.io_qpairs += 1;
-            Ok((data.cntlid, v))
+            Ok((data.cntlid, v, controller))
+        }
+    })
+}
+
+/// Set Features Number of Queues on controller `cntlid` (whose admin queue
+/// pair is `admin_qpair`) granted `n` I/O queues (main reactor).
+pub fn io_queues_granted(cntlid: u16, admin_qpair: u64, n: u32) {
+    with_target(|t| {
+        if let Some(r) = t
+            .controllers
+            .live
+            .get_mut(&cntlid)
+            .filter(|r| r.admin_qpair == admin_qpair)
+        {
+            r.io_queues_granted = n;
         }
     })
 }
@@ -327,6 +413,9 @@ pub fn destroy(cntlid: u16, admin_qpair: u64) {
 #[derive(Clone, Debug)]
 pub struct QpairRecord {
     pub cntlid: u16,
+    /// Its controller's admin queue pair id (a cntlid is reused once its
+    /// controller is gone; this is not).
+    pub controller: u64,
     pub qid: u16,
     pub subnqn: String,
     pub hostnqn: String,
@@ -612,7 +701,13 @@ impl Controller {
         let cid = sqe.cid();
         let lid = (sqe.cdw(10) & 0xFF) as u8;
         let numd = ((sqe.cdw(10) >> 16) | (sqe.cdw(11) & 0xFFFF) << 16) as usize + 1;
-        let len = (numd * 4).min(1 << 20);
+        let len = numd * 4;
+        // More than the MDTS we report: what NVMe says a command exceeding
+        // it gets (and what bounds the data one admin capsule makes us
+        // queue).
+        if len > self.subsystem.max_io_size as usize {
+            return reply(cid, Status::generic(sc::INVALID_FIELD).dnr());
+        }
         // Log page offset (LPOL/LPOU), in bytes.
         let offset = (sqe.cdw(12) as u64 | (sqe.cdw(13) as u64) << 32) as usize;
         if lid == crate::wire::discovery::LOG_DISCOVERY && self.subsystem.discovery {

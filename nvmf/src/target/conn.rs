@@ -21,8 +21,21 @@
 //! A closed connection whose commands are still at their bdevs keeps
 //! those slots (and their namespace holds) until the I/O comes back, so
 //! whoever closed it can wait for that ([`Connection::in_flight_done`]).
+//!
+//! Backpressure (SPEC §8, `limits.rs`): a capsule that finds no free slot,
+//! a send queue at [`MAX_SEND_QUEUE_BYTES`], or in-capsule data with
+//! neither a receive block to pin nor a buffer to copy into, stays in the
+//! receive buffer and the connection *stalls*: it parses nothing more and
+//! stops reading its socket (and asks epoll not to report input), so TCP
+//! pushes back on the host. Whatever frees the resource runs in
+//! [`Connection::service`] (completions, sends, buffers returned to the
+//! core's budget, which wakes a parked reactor), and that resumes parsing.
+//! Data buffers come from the core's budgeted pool when a command needs
+//! them and go back when it ends; a command that cannot get one waits in
+//! its queue's pending list (in order) while parsing goes on.
 
 use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
 use std::io::{IoSlice, IoSliceMut};
 use std::rc::Rc;
 
@@ -32,9 +45,10 @@ use reactor::{CompletionEvent, CompletionSender};
 use super::admin::{self, AdminOutcome, Controller, SubsystemView};
 use super::changes::{self, Attachment, NsUse};
 use super::io::{self, opc, Transfer};
+use super::limits::{self, ConnectionPermit, MAX_SEND_QUEUE_BYTES, RX_BUF_BYTES};
 use super::poll_group;
 use super::recv_buf::RecvBuf;
-use super::request::{RequestTable, SlotState};
+use super::request::{Request, RequestTable, SlotState};
 use super::send_queue::{SendQueue, MAX_IOV};
 use super::socket::{PolledSocket, Received};
 use crate::wire::fabrics::{fctype, ConnectCmd, ConnectData, CONNECT_DATA_BYTES};
@@ -45,9 +59,6 @@ use crate::wire::pdu::{
     IC_BYTES, SHORT_HLEN, TERM_REQ_MAX_DATA,
 };
 
-/// Receive buffer: many PDUs per `readv`. Grows (once, at Connect) to hold
-/// a whole capsule when in-capsule data is larger.
-const RX_BUF_BYTES: usize = 64 * 1024;
 /// In-capsule data accepted on the admin queue and before Connect
 /// (Connect's own data is 1 KiB).
 const ADMIN_IN_CAPSULE_BYTES: usize = 8192;
@@ -60,10 +71,6 @@ const DIRECT_RECV_MIN: usize = 4096;
 /// `readv` calls per readiness report, so one busy connection cannot keep
 /// the reactor from the others.
 const RECV_ROUNDS: usize = 4;
-/// A host may exceed its queue size by this factor in slots before the
-/// connection is ended (hosts count commands, we count slots still
-/// sending data; the two can briefly differ).
-const SLOT_OVERCOMMIT: usize = 2;
 
 /// Discovery controllers without a KATO are still reaped (as SPDK does),
 /// after this long.
@@ -98,8 +105,8 @@ struct IoQueue {
     /// The subsystem's namespaces on this core.
     subsystem: Attachment,
     reqs: RequestTable,
-    /// Slots the host's queue size allows.
-    entries: usize,
+    /// Slots waiting for data buffers, oldest first.
+    pending: VecDeque<u16>,
     _guard: QpairGuard,
 }
 
@@ -119,7 +126,7 @@ enum Queue {
         ctrl: Box<Controller>,
         /// The subsystem's namespaces on this core (none for discovery).
         attach: Option<Attachment>,
-        _guard: QpairGuard,
+        guard: QpairGuard,
     },
     Io(Box<IoQueue>),
 }
@@ -148,6 +155,19 @@ struct H2cData {
     digest: Option<([u8; DIGEST_BYTES], usize)>,
 }
 
+/// Why the capsule at the front of the receive buffer waits (see the
+/// module docs).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Stall {
+    /// Every request slot is in use.
+    Slot,
+    /// The send queue holds [`MAX_SEND_QUEUE_BYTES`] or more.
+    SendQueue,
+    /// In-capsule data with no receive block to pin and no buffer to copy
+    /// it into.
+    CapsuleData,
+}
+
 /// Why a connection ended.
 enum Ending {
     /// Peer closed or a socket error.
@@ -167,8 +187,14 @@ struct ConnState {
     send: SendQueue,
     /// When bytes last arrived (keep-alive).
     last_rx_tick: u64,
-    /// The socket is watched for room to write.
+    /// When the connection was accepted (ICReq and Connect timeout).
+    born_tick: u64,
+    /// Parsing and receiving stopped, and why.
+    stalled: Option<Stall>,
+    /// Output is blocked: wait for room to write.
     out_blocked: bool,
+    /// What epoll is asked to report for the socket now: (input, output).
+    interest: (bool, bool),
     closed: bool,
     /// Closed: the slots whose I/O is still at the bdev, and who waits for
     /// them to come back.
@@ -176,6 +202,8 @@ struct ConnState {
     orphan_waiters: Vec<CompletionSender<()>>,
     /// Scratch for draining completions without allocating.
     done: Vec<IoBox>,
+    /// Counts this connection against the target's limit while it lives.
+    _permit: ConnectionPermit,
 }
 
 /// One connection. Shared by the poll group, tasks working for it (weakly)
@@ -198,11 +226,19 @@ impl IoCompletion for Connection {
 thread_local! {
     /// NVM commands completed on this core (`nvmf_get_stats`).
     static COMPLETED_NVME_IO: Cell<u64> = const { Cell::new(0) };
+    /// Commands that had to wait for a data buffer on this core (SPDK's
+    /// `pending_data_buffer` transport statistic).
+    static PENDING_DATA_BUFFER: Cell<u64> = const { Cell::new(0) };
 }
 
 /// This core's count of completed NVM commands.
 pub fn completed_nvme_io() -> u64 {
     COMPLETED_NVME_IO.with(|c| c.get())
+}
+
+/// This core's count of commands that waited for a data buffer.
+pub fn pending_data_buffer() -> u64 {
+    PENDING_DATA_BUFFER.with(|c| c.get())
 }
 
 /// How long an admin queue may be silent: KATO rounded up to the keep-alive
@@ -223,7 +259,13 @@ fn cqe(cid: u16, status: Status) -> Cqe {
 }
 
 impl Connection {
-    pub fn new(token: u64, sock: PolledSocket, maxh2cdata: u32) -> Connection {
+    pub fn new(
+        token: u64,
+        sock: PolledSocket,
+        maxh2cdata: u32,
+        permit: ConnectionPermit,
+    ) -> Connection {
+        let now = reactor::ticks::now();
         Connection {
             token,
             state: RefCell::new(ConnState {
@@ -234,13 +276,17 @@ impl Connection {
                 digests: Digests::default(),
                 maxh2cdata,
                 queue: Queue::Unconnected,
-                send: SendQueue::with_capacity(64 * 1024, 256),
-                last_rx_tick: reactor::ticks::now(),
+                send: SendQueue::with_capacity(MAX_SEND_QUEUE_BYTES, 256),
+                last_rx_tick: now,
+                born_tick: now,
+                stalled: None,
                 out_blocked: false,
+                interest: (true, false),
                 closed: false,
                 orphans: None,
                 orphan_waiters: Vec::new(),
                 done: Vec::with_capacity(256),
+                _permit: permit,
             }),
             completions: RefCell::new(Vec::with_capacity(256)),
             kicked: Cell::new(false),
@@ -249,6 +295,20 @@ impl Connection {
 
     pub fn is_closed(&self) -> bool {
         self.state.borrow().closed
+    }
+
+    /// Parsing and receiving stopped (backpressure).
+    pub fn is_stalled(&self) -> bool {
+        self.state.borrow().stalled.is_some()
+    }
+
+    /// The socket hung up or failed: a stalled connection (which would
+    /// notice only when it reads again) is closed now; others find out
+    /// when they receive.
+    pub fn hung_up(&self) {
+        if self.is_stalled() {
+            self.close("connection reset by peer");
+        }
     }
 
     /// Closed, and none of its I/O is at a bdev any more: it can go.
@@ -276,10 +336,11 @@ impl Connection {
     }
 
     /// The socket has something: receive it all and handle every complete
-    /// PDU. Returns whether anything arrived.
+    /// PDU. Returns whether anything arrived. A stalled connection leaves
+    /// its input in the socket.
     pub fn on_readable(self: &Rc<Self>) -> bool {
         let mut st = self.state.borrow_mut();
-        if st.closed {
+        if st.closed || st.stalled.is_some() {
             return false;
         }
         let mut any = false;
@@ -312,7 +373,7 @@ impl Connection {
             if st.closed {
                 return true;
             }
-            if got < asked {
+            if got < asked || st.stalled.is_some() {
                 break;
             }
         }
@@ -347,14 +408,34 @@ impl Connection {
         if kicked {
             st.sync_admin();
         }
-        if !st.send.is_empty() {
-            work = true;
-            if let Err(e) = st.flush() {
+        work |= st.retry_pending(self);
+        for round in 0..2 {
+            if !st.send.is_empty() {
+                work = true;
+                if let Err(e) = st.flush() {
+                    drop(st);
+                    self.close(&format!("send failed: {e}"));
+                    return true;
+                }
+            }
+            // Whatever the completions and the send freed may let a
+            // stalled capsule in; what it produces goes out at once.
+            if round == 1 || st.stalled.is_none() {
+                break;
+            }
+            st.stalled = None;
+            if let Err(e) = st.handle_received(self) {
+                st.end(e);
                 drop(st);
-                self.close(&format!("send failed: {e}"));
+                self.close("fatal transport error");
                 return true;
             }
+            if st.closed {
+                return true;
+            }
+            work |= st.stalled.is_none();
         }
+        st.update_interest();
         work
     }
 
@@ -386,38 +467,61 @@ impl Connection {
         poll_group::reap_later();
     }
 
-    /// Keep-alive check (SPEC §3): an admin queue silent for longer than
-    /// its KATO loses its controller, so the host can connect again at
-    /// once.
-    pub fn keep_alive_expired(&self, now: u64) -> bool {
-        let Some(deadline) = self.keep_alive_deadline() else {
-            return false;
-        };
+    /// Deadline check: an admin queue silent for longer than its KATO
+    /// loses its controller, so the host can connect again at once (SPEC
+    /// §3); a connection without a queue (no ICReq, or no Connect accepted)
+    /// after the connect timeout is closed (SPEC §8). Returns why, if due.
+    pub fn expired(&self, now: u64) -> Option<&'static str> {
+        let deadline = self.deadline()?;
         if now < deadline {
-            return false;
+            return None;
         }
         let st = self.state.borrow();
-        let Queue::Admin { ctrl: c, .. } = &st.queue else {
-            return false;
-        };
-        log::warn!(
-            "controller {} of {}: keep alive timeout ({} ms), disconnecting",
-            c.cntlid,
-            c.subsystem.nqn,
-            c.kato_ms
-        );
-        true
+        match &st.queue {
+            Queue::Admin { ctrl: c, .. } => {
+                log::warn!(
+                    "controller {} of {}: keep alive timeout ({} ms), disconnecting",
+                    c.cntlid,
+                    c.subsystem.nqn,
+                    c.kato_ms
+                );
+                Some("keep alive timeout")
+            }
+            _ => {
+                log::warn!(
+                    "NVMe/TCP {} -> {}: no {} within {:?}, closing",
+                    st.sock.peer,
+                    st.sock.local,
+                    if matches!(st.rx_state, RxState::Init) {
+                        "ICReq"
+                    } else {
+                        "Connect"
+                    },
+                    limits::connect_timeout()
+                );
+                Some("ICReq and Connect timeout")
+            }
+        }
     }
 
-    /// When this admin queue's keep-alive timeout runs out if nothing
-    /// arrives before (ticks); None for queues without one.
-    pub fn keep_alive_deadline(&self) -> Option<u64> {
+    /// When this connection's deadline comes if nothing happens before
+    /// (ticks): an admin queue's keep-alive timeout, or the connect timeout
+    /// of one not yet connected; None for I/O queues and closed ones.
+    pub fn deadline(&self) -> Option<u64> {
         let st = self.state.borrow();
-        let Queue::Admin { ctrl: c, .. } = &st.queue else {
+        if st.closed {
             return None;
-        };
-        let t = keep_alive_timeout(c.kato_ms, c.subsystem.discovery)?;
-        Some(st.last_rx_tick + reactor::ticks::from_duration(t))
+        }
+        match &st.queue {
+            Queue::Admin { ctrl: c, .. } => {
+                let t = keep_alive_timeout(c.kato_ms, c.subsystem.discovery)?;
+                Some(st.last_rx_tick + reactor::ticks::from_duration(t))
+            }
+            Queue::Unconnected | Queue::Connecting => {
+                Some(st.born_tick + reactor::ticks::from_duration(limits::connect_timeout()))
+            }
+            Queue::Io(_) => None,
+        }
     }
 
     /// Marks the connection as having work and wakes the reactor (for
@@ -695,7 +799,11 @@ impl ConnState {
         }
         match layout.pdu_type {
             PduType::CapsuleCmd => {
-                self.capsule(conn, &layout);
+                if let Some(why) = self.capsule(conn, &layout)? {
+                    // Left where it is: handled again once `why` clears.
+                    self.stalled = Some(why);
+                    return Ok(false);
+                }
                 self.rx.consume(layout.plen);
             }
             PduType::H2CData => {
@@ -734,11 +842,23 @@ impl ConnState {
         crate::wire::crc32c_digest(data) == got
     }
 
-    /// A complete CapsuleCmd at the front of the receive buffer.
-    fn capsule(&mut self, conn: &Rc<Connection>, layout: &PduLayout) {
+    /// A complete CapsuleCmd at the front of the receive buffer: handled
+    /// (None), or not taken yet for want of a resource (the stall; nothing
+    /// of it has been done).
+    #[inline]
+    fn capsule(
+        &mut self,
+        conn: &Rc<Connection>,
+        layout: &PduLayout,
+    ) -> Result<Option<Stall>, Ending> {
+        // Every command may add to the send queue (an admin one up to
+        // max_io_size): none is taken while it is full.
+        if self.send.queued_bytes() >= MAX_SEND_QUEUE_BYTES {
+            return Ok(Some(Stall::SendQueue));
+        }
         let pdu = &self.rx.pending()[..layout.plen];
         let Some(sqe) = Sqe::from_bytes(&pdu[CH_BYTES..]) else {
-            return;
+            return Ok(None);
         };
         if !Self::capsule_digest_ok(layout, pdu) {
             // SPDK: transient transport error, connection kept.
@@ -750,7 +870,7 @@ impl ConnState {
                 ),
                 &[],
             );
-            return;
+            return Ok(None);
         }
         let (ds, dl) = (layout.data_offset, layout.data_len);
         let fabrics = sqe.opcode() == OPC_FABRICS;
@@ -765,15 +885,31 @@ impl ConnState {
                 cqe(sqe.cid(), Status::generic(sc::COMMAND_SEQUENCE_ERROR)),
                 &[],
             ),
-            Queue::Admin { ctrl, attach, .. } => {
+            Queue::Admin {
+                ctrl,
+                attach,
+                guard,
+            } => {
                 if let Some(a) = attach {
                     ctrl.namespaces_changed(a.generation(), || a.views());
                 }
+                let granted = ctrl.io_queues_granted;
                 let out = if fabrics {
                     ctrl.fabrics(&sqe)
                 } else {
                     ctrl.admin(&sqe)
                 };
+                if ctrl.io_queues_granted != granted {
+                    // I/O Connects are checked against the grant on the
+                    // main reactor: it learns of it before the host does.
+                    let (cntlid, id, n) = (ctrl.cntlid, guard.id, ctrl.io_queues_granted);
+                    let record = move || admin::io_queues_granted(cntlid, id, n);
+                    if reactor::is_main_core() {
+                        record();
+                    } else {
+                        reactor::send(reactor::main_core(), record);
+                    }
+                }
                 self.respond_outcome(&sqe, out);
                 // An AER just held may be owed the notice already.
                 self.sync_admin();
@@ -784,32 +920,54 @@ impl ConnState {
                 &[],
             ),
             Queue::Io(q) => {
-                let Some(i) = q.reqs.alloc(sqe) else {
-                    if q.reqs.in_use() >= q.entries * SLOT_OVERCOMMIT {
-                        log::warn!("NVMe/TCP {}: host exceeded its queue size", self.sock.peer);
+                if !q.reqs.has_free() {
+                    // The host has more commands out than its queue holds.
+                    // Wait for one to finish, unless every slot waits for
+                    // data that can only come after this capsule.
+                    if q.reqs.all_awaiting_data() {
+                        log::warn!(
+                            "NVMe/TCP {}: host exceeded its queue size with every command waiting for its data, closing",
+                            self.sock.peer
+                        );
+                        return Err(Ending::Gone);
                     }
-                    // No slot: the host broke its queue size. Busy, retry.
-                    let st = Status::generic(sc::NAMESPACE_NOT_READY);
-                    self.respond(&sqe, cqe(sqe.cid(), st), &[]);
-                    return;
-                };
-                if let Some(r) = q.reqs.get_mut(i) {
-                    let view = (dl > 0 && sqe.opcode() == opc::WRITE && self.rx.can_pin())
+                    return Ok(Some(Stall::Slot));
+                }
+                let mut in_place = SharedBuf::empty();
+                let mut copy = IoBuf::empty();
+                if dl > 0 {
+                    let view = (sqe.opcode() == opc::WRITE && self.rx.can_pin())
                         .then(|| self.rx.share(ds, dl))
                         .flatten();
                     if let Some(view) = view {
                         // The write reads its data where it was received
                         // (the view pins that receive block).
-                        r.in_place = view;
-                    } else if dl > 0 {
-                        r.buf.resize(dl);
-                        r.buf.as_mut_slice()[..dl].copy_from_slice(&self.rx.pending()[ds..ds + dl]);
+                        in_place = view;
+                    } else if let Some(mut b) = IoBuf::try_budgeted(dl) {
+                        b.as_mut_slice()
+                            .copy_from_slice(&self.rx.pending()[ds..ds + dl]);
+                        copy = b;
+                    } else {
+                        // Pinned receive blocks come back as their writes
+                        // complete; buffers as any command on this core ends.
+                        bdev::buf::wake_on_budget_return();
+                        return Ok(Some(Stall::CapsuleData));
+                    }
+                }
+                let Some(i) = q.reqs.alloc(sqe) else {
+                    return Ok(Some(Stall::Slot));
+                };
+                if let Some(r) = q.reqs.get_mut(i) {
+                    if dl > 0 {
+                        r.in_place = in_place;
+                        r.buf = copy;
                     }
                     r.received = dl;
                 }
                 self.start_io(conn, i);
             }
         }
+        Ok(None)
     }
 
     /// Queues a response: `data` (cut to what the SGL asked) as one
@@ -869,10 +1027,16 @@ impl ConnState {
         let hostnqn = cdata.hostnqn.clone();
         let weak = Rc::downgrade(conn);
         spawn_after_poll(async move {
-            let result = reactor::call(reactor::main_core(), move || {
-                admin::connect(&cmd, &cdata, site)
-            })
-            .await;
+            let main = reactor::main_core();
+            let (c2, d2) = (cmd, cdata.clone());
+            let mut result =
+                reactor::call(main, move || admin::connect(&c2, &d2, site, false)).await;
+            if matches!(result, Ok(Err(r)) if r.retry) {
+                // A live queue has this QID: maybe one the host is closing.
+                reactor::sleep(limits::DUPLICATE_QID_RETRY).await;
+                result =
+                    reactor::call(main, move || admin::connect(&cmd, &cdata, site, true)).await;
+            }
             // Registered from here on: dropping the guard (even unused,
             // if the connection died meanwhile) unregisters it.
             let accepted = match result {
@@ -913,7 +1077,7 @@ impl ConnState {
                         st.queue = Queue::Admin {
                             ctrl: Box::new(ctrl),
                             attach,
-                            _guard: guard,
+                            guard,
                         };
                     } else {
                         let entries = cmd.sqsize as usize + 1;
@@ -922,8 +1086,8 @@ impl ConnState {
                         let q = IoQueue {
                             subsystem: changes::attach(&view, true),
                             view: view.without_namespaces(),
-                            reqs: RequestTable::new(entries * SLOT_OVERCOMMIT),
-                            entries,
+                            reqs: RequestTable::new(entries),
+                            pending: VecDeque::with_capacity(entries),
                             _guard: guard,
                         };
                         st.queue = Queue::Io(Box::new(q));
@@ -949,7 +1113,9 @@ impl ConnState {
     }
 
     /// Starts the I/O command in slot `i` (its in-capsule data, if any,
-    /// already in the slot's buffer).
+    /// already in the slot): plans it, then gets its data buffers and goes
+    /// on, or queues it behind those already waiting for buffers.
+    #[inline]
     fn start_io(&mut self, conn: &Rc<Connection>, i: u16) {
         let Queue::Io(q) = &mut self.queue else {
             return;
@@ -965,8 +1131,8 @@ impl ConnState {
         };
         r.plan = Some(plan);
         r.ns_instance = ns.instance();
-        match plan.transfer {
-            Transfer::ToController(len) if r.received > 0 => {
+        if let Transfer::ToController(len) = plan.transfer {
+            if r.received > 0 {
                 if r.received < len {
                     return self.complete(i, Status::generic(sc::DATA_SGL_LENGTH_INVALID).dnr());
                 }
@@ -975,19 +1141,43 @@ impl ConnState {
                 } else if let Some(v) = r.in_place.slice(0, len) {
                     r.in_place = v;
                 }
-                r.ns = Some(NsUse::new(ns));
-                self.execute(conn, i);
             }
-            Transfer::ToController(len) => {
+        }
+        if !q.pending.is_empty() || !acquire_buffers(r) {
+            // Waiting holds nothing but the slot: the namespace is looked
+            // up again when the command goes on.
+            r.state = SlotState::NeedBuffer;
+            q.pending.push_back(i);
+            bdev::buf::wake_on_budget_return();
+            PENDING_DATA_BUFFER.with(|c| c.set(c.get() + 1));
+            return;
+        }
+        if matches!(plan.transfer, Transfer::ToController(_)) && r.received == 0 {
+            // The R2T.
+            return self.proceed(conn, i);
+        }
+        r.ns = Some(NsUse::new(ns));
+        self.execute(conn, i);
+    }
+
+    /// Slot `i` has its buffers: asks the host for its data, or executes.
+    #[inline]
+    fn proceed(&mut self, conn: &Rc<Connection>, i: u16) {
+        let Queue::Io(q) = &mut self.queue else {
+            return;
+        };
+        let Some(r) = q.reqs.get_mut(i) else { return };
+        let Some(plan) = r.plan else { return };
+        match plan.transfer {
+            Transfer::ToController(len) if r.received == 0 => {
                 // Waiting for the host holds nothing: the namespace is
                 // looked up again when the data is in.
                 // Ask for the data: one R2T for the whole transfer (MAXH2CDATA
                 // is the largest transfer we accept), tagged with the slot.
-                r.buf.resize(len);
                 r.state = SlotState::AwaitingData;
                 let mut hdr = [0u8; SHORT_HLEN + DIGEST_BYTES];
                 let n = DataHeader {
-                    cccid: sqe.cid(),
+                    cccid: r.sqe.cid(),
                     ttag: i,
                     offset: 0,
                     length: len as u32,
@@ -995,15 +1185,36 @@ impl ConnState {
                 .encode(&mut hdr, PduType::R2T, 0, self.digests);
                 self.send.push_bytes(&hdr[..n]);
             }
-            Transfer::ToHost(len) => {
-                r.buf.resize(len);
-                r.ns = Some(NsUse::new(ns));
+            _ => {
+                r.state = SlotState::Executing;
                 self.execute(conn, i);
             }
-            Transfer::None => {
-                r.ns = Some(NsUse::new(ns));
-                self.execute(conn, i);
+        }
+    }
+
+    /// Gives the commands waiting for data buffers theirs, oldest first,
+    /// while the core's budget lasts. Returns whether any went on.
+    #[inline]
+    fn retry_pending(&mut self, conn: &Rc<Connection>) -> bool {
+        let mut any = false;
+        loop {
+            let Queue::Io(q) = &mut self.queue else {
+                return any;
+            };
+            let Some(&i) = q.pending.front() else {
+                return any;
+            };
+            let Some(r) = q.reqs.get_mut(i) else {
+                q.pending.pop_front();
+                continue;
+            };
+            if !acquire_buffers(r) {
+                bdev::buf::wake_on_budget_return();
+                return any;
             }
+            q.pending.pop_front();
+            any = true;
+            self.proceed(conn, i);
         }
     }
 
@@ -1212,8 +1423,12 @@ impl ConnState {
             }
             if io.io_type == IoType::Read {
                 // A zero-copy read's data: a view that keeps the bdev's
-                // memory alive until it has been sent.
+                // memory alive until it has been sent. The buffer it did
+                // not need goes back to the budget now.
                 r.lent = std::mem::take(&mut io.shared);
+                if !r.lent.is_empty() {
+                    r.buf = IoBuf::empty();
+                }
             }
         }
         if !io.status().is_success() && r.status.is_success() {
@@ -1293,10 +1508,8 @@ impl ConnState {
             } else {
                 match self.sock.send_vectored(&iov[..n]) {
                     Ok(0) => {
-                        if !self.out_blocked {
-                            self.out_blocked = true;
-                            poll_group::watch_writable(self.sock.fd(), self.token, true);
-                        }
+                        self.out_blocked = true;
+                        self.update_interest();
                         return Ok(());
                     }
                     Ok(s) => s,
@@ -1312,9 +1525,67 @@ impl ConnState {
         }
         if self.out_blocked {
             self.out_blocked = false;
-            poll_group::watch_writable(self.sock.fd(), self.token, false);
+            self.update_interest();
         }
         Ok(())
+    }
+
+    /// Tells epoll what this connection waits for: input unless stalled,
+    /// room to write while output is blocked (only when that changed).
+    #[inline]
+    fn update_interest(&mut self) {
+        let want = (self.stalled.is_none(), self.out_blocked);
+        if want != self.interest && !self.closed {
+            self.interest = want;
+            poll_group::set_interest(self.sock.fd(), self.token, want.0, want.1);
+        }
+    }
+}
+
+/// Gets slot `r`'s data buffers for its planned transfer from the core's
+/// budget (the host's data by R2T, a read's destination, a Compare's
+/// blocks); false, holding none of them, if the budget is spent.
+#[inline]
+fn acquire_buffers(r: &mut Request) -> bool {
+    let Some(plan) = r.plan else { return true };
+    let (buf_len, aux_len) = match plan.transfer {
+        // A read: the common case, one buffer.
+        Transfer::ToHost(len) => return budgeted(&mut r.buf, len),
+        Transfer::None => return true,
+        Transfer::ToController(len) => (
+            if r.received == 0 { len } else { 0 },
+            if r.sqe.opcode() == opc::COMPARE {
+                len
+            } else {
+                0
+            },
+        ),
+    };
+    let had = !r.buf.is_empty();
+    if buf_len > 0 && !budgeted(&mut r.buf, buf_len) {
+        return false;
+    }
+    if aux_len > 0 && !budgeted(&mut r.aux, aux_len) {
+        if !had {
+            r.buf = IoBuf::empty();
+        }
+        return false;
+    }
+    true
+}
+
+/// `b` holds data already, or gets `len` bytes of the core's budget.
+#[inline]
+fn budgeted(b: &mut IoBuf, len: usize) -> bool {
+    if !b.is_empty() {
+        return true;
+    }
+    match IoBuf::try_budgeted(len) {
+        Some(x) => {
+            *b = x;
+            true
+        }
+        None => false,
     }
 }
 
@@ -1330,6 +1601,7 @@ fn spawn_after_poll(fut: impl std::future::Future<Output = ()> + 'static) {
 
 /// Queues the header of a C2HData carrying `len` bytes of command `cid`
 /// (the data follows it).
+#[inline]
 fn push_c2h_header(send: &mut SendQueue, cid: u16, len: usize, digests: Digests) {
     let mut hdr = [0u8; SHORT_HLEN + DIGEST_BYTES];
     let n = DataHeader {
@@ -1343,12 +1615,14 @@ fn push_c2h_header(send: &mut SendQueue, cid: u16, len: usize, digests: Digests)
 }
 
 /// Queues the data digest of `data` when negotiated.
+#[inline]
 fn push_data_digest(send: &mut SendQueue, data: &[u8], digests: Digests) {
     if digests.data {
         send.push_bytes(&crate::wire::crc32c_digest(data).to_le_bytes());
     }
 }
 
+#[inline]
 fn push_capsule_resp(send: &mut SendQueue, c: &Cqe, digests: Digests) {
     let mut rsp = [0u8; SHORT_HLEN + DIGEST_BYTES];
     let n = encode_capsule_resp(&mut rsp, c, digests);

@@ -7,12 +7,13 @@
 //! over non-blocking sockets (`socket.rs`), one connection's PDUs and
 //! commands (`conn.rs`) with receive buffers (`recv_buf.rs`), request
 //! slots (`request.rs`), a send queue (`send_queue.rs`) and NVM command
-//! planning (`io.rs`).
+//! planning (`io.rs`); and what bounds all of it (`limits.rs`).
 
 pub mod admin;
 pub mod changes;
 pub mod conn;
 pub mod io;
+pub mod limits;
 pub mod listener;
 pub mod poll_group;
 mod recv_buf;

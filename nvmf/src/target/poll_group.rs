@@ -9,8 +9,14 @@
 //! - In adaptive mode, just before the reactor parks, a task arms one
 //!   io_uring poll on the epoll descriptor, so input on any socket wakes
 //!   the reactor; nothing is armed while the loop is spinning.
-//! - An on-demand poller enforces keep-alive timeouts, woken at the
-//!   earliest deadline (and when an admin queue connects), never otherwise.
+//! - An on-demand poller enforces deadlines, woken at the earliest one
+//!   (and when a connection arrives or an admin queue connects), never
+//!   otherwise: keep-alive timeouts of admin queues, and the connect
+//!   timeout of connections that have not completed ICReq and Connect
+//!   (SPEC §8), so a half-open connection costs no timer of its own.
+//! - A stalled connection (`conn.rs`, backpressure) is not reported for
+//!   input until it resumes, so its unread bytes neither spin the loop nor
+//!   keep a parked reactor awake.
 //!
 //! - The main reactor reaches a connection by its token (recorded with its
 //!   queue pair at Connect): to close it when its host loses access, or to
@@ -31,6 +37,7 @@ use std::task::{Poll, Waker};
 use reactor::PollStatus;
 
 use super::conn::Connection;
+use super::limits::ConnectionPermit;
 use super::socket::{self, PolledSocket, ReadySet};
 
 /// Readiness events taken per `epoll_wait`.
@@ -48,8 +55,9 @@ struct PollGroup {
     /// The wake-up poll on the epoll descriptor is wanted or armed.
     arm: Cell<bool>,
     arm_waker: RefCell<Option<Waker>>,
-    /// Scratch: ready tokens of this turn, and connections to visit.
-    scratch_tokens: RefCell<Vec<u64>>,
+    /// Scratch: ready tokens of this turn (and whether each hung up), and
+    /// connections to visit.
+    scratch_tokens: RefCell<Vec<(u64, bool)>>,
     scratch_conns: RefCell<Vec<Rc<Connection>>>,
     /// The group's poller (unregistered when dropped).
     poller: RefCell<Option<reactor::PollerHandle>>,
@@ -94,10 +102,10 @@ fn start(g: &Rc<PollGroup>) {
         PollStatus::from_work(w.upgrade().is_some_and(|g| g.poll()))
     });
     let w = Rc::downgrade(g);
-    // Runs only when the earliest keep-alive deadline comes (or an admin
-    // queue connects): an idle target is not woken for nothing.
+    // Runs only when the earliest deadline comes (or a connection arrives
+    // or an admin queue connects): an idle target is not woken for nothing.
     let keep_alive = reactor::register_on_demand_poller("nvmf_tcp_keep_alive", move || {
-        PollStatus::from_work(w.upgrade().is_some_and(|g| g.check_keep_alive()))
+        PollStatus::from_work(w.upgrade().is_some_and(|g| g.check_deadlines()))
     });
     *g.poller.borrow_mut() = Some(poll);
     *g.keep_alive.borrow_mut() = Some(keep_alive);
@@ -161,16 +169,30 @@ impl PollGroup {
         let mut visit = self.scratch_conns.borrow_mut();
         tokens.clear();
         visit.clear();
-        if conns.len() <= DIRECT_RECV_CONNS {
+        let direct = conns.len() <= DIRECT_RECV_CONNS;
+        // A stalled connection does not read, so only epoll tells of its
+        // socket hanging up (reported however often it is asked).
+        if !direct || conns.values().any(|c| c.is_stalled()) {
+            tokens.extend(self.ready.borrow_mut().ready());
+        }
+        if direct {
             // Few connections: one non-blocking receive each costs no more
             // system calls than asking epoll first, and saves the
             // `epoll_wait` whenever data is there.
             visit.extend(conns.values().cloned());
         } else {
-            tokens.extend(self.ready.borrow_mut().ready());
-            visit.extend(tokens.iter().filter_map(|t| conns.get(t).cloned()));
+            visit.extend(tokens.iter().filter_map(|(t, _)| conns.get(t).cloned()));
         }
+        // Rare: allocates only when a socket hung up.
+        let hung_up: Vec<Rc<Connection>> = tokens
+            .iter()
+            .filter(|(_, gone)| *gone)
+            .filter_map(|(t, _)| conns.get(t).cloned())
+            .collect();
         drop(conns);
+        for c in &hung_up {
+            c.hung_up();
+        }
         for c in visit.iter() {
             busy |= c.on_readable();
         }
@@ -184,26 +206,25 @@ impl PollGroup {
         busy
     }
 
-    /// Closes admin queues whose keep-alive ran out, then arms itself for
-    /// the earliest deadline left (traffic since only pushes it later).
-    fn check_keep_alive(&self) -> bool {
+    /// Closes admin queues whose keep-alive ran out and connections that
+    /// did not connect in time, then arms itself for the earliest deadline
+    /// left (traffic since only pushes keep-alives later).
+    fn check_deadlines(&self) -> bool {
         let now = reactor::ticks::now();
-        let expired: Vec<Rc<Connection>> = self
+        let expired: Vec<(Rc<Connection>, &'static str)> = self
             .conns
             .borrow()
             .values()
-            .filter(|c| c.keep_alive_expired(now))
-            .cloned()
+            .filter_map(|c| c.expired(now).map(|why| (c.clone(), why)))
             .collect();
-        for c in &expired {
-            c.close("keep alive timeout");
+        for (c, why) in &expired {
+            c.close(why);
         }
         let next = self
             .conns
             .borrow()
             .values()
-            .filter(|c| !c.is_closed())
-            .filter_map(|c| c.keep_alive_deadline())
+            .filter_map(|c| c.deadline())
             .min();
         if let (Some(at), Some(p)) = (next, self.keep_alive.borrow().as_ref()) {
             p.wake_at(at.max(now + 1));
@@ -212,8 +233,9 @@ impl PollGroup {
     }
 }
 
-/// Adopts an accepted connection on the current core.
-pub fn adopt(stream: TcpStream, maxh2cdata: u32) {
+/// Adopts an accepted connection on the current core (`permit` counts it
+/// against the target's limit for as long as it lives).
+pub fn adopt(stream: TcpStream, maxh2cdata: u32, permit: ConnectionPermit) {
     let peer = stream.peer_addr().ok();
     let sock = match PolledSocket::new(stream) {
         Ok(s) => s,
@@ -230,7 +252,12 @@ pub fn adopt(stream: TcpStream, maxh2cdata: u32) {
         log::warn!("NVMe/TCP connection from {peer:?}: epoll: {e}");
         return;
     }
-    let conn = Rc::new(Connection::new(token, sock, maxh2cdata));
+    let conn = Rc::new(Connection::new(token, sock, maxh2cdata, permit));
+    // Its connect timeout: the deadline poller wakes for it unless it is
+    // armed for an earlier one already.
+    if let (Some(at), Some(p)) = (conn.deadline(), g.keep_alive.borrow().as_ref()) {
+        p.wake_at(at);
+    }
     g.conns.borrow_mut().insert(token, conn);
     log::debug!(
         "NVMe/TCP connection from {peer:?} on core {}",
@@ -248,11 +275,12 @@ pub(crate) fn unwatch(fd: RawFd) {
     });
 }
 
-/// Also report `fd` when it has room to write (its output is blocked).
-pub(crate) fn watch_writable(fd: RawFd, token: u64, writable: bool) {
+/// Reports `fd` for input (unless its connection stalled) and for room to
+/// write (while its output is blocked).
+pub(crate) fn set_interest(fd: RawFd, token: u64, input: bool, output: bool) {
     GROUP.with(|g| {
         if let Some(g) = g.get() {
-            if let Err(e) = g.ready.borrow().watch_writable(fd, token, writable) {
+            if let Err(e) = g.ready.borrow().set_interest(fd, token, input, output) {
                 log::warn!("NVMe/TCP: epoll_ctl on fd {fd}: {e}");
             }
         }

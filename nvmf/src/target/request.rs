@@ -1,14 +1,19 @@
-//! Request slots of an I/O queue: one per queue entry, allocated when the
-//! queue connects and reused for every command after (no allocation per
-//! I/O once each slot's buffer has grown to the largest transfer seen).
+//! Request slots of an I/O queue: one per queue entry (the host's queue
+//! size, so a host that keeps to it always finds one), allocated when the
+//! queue connects and reused for every command after. A slot owns no
+//! memory of its own between commands: a command's data buffers come from
+//! the core's budgeted pool (`bdev::buf`) when it needs them and go back
+//! when the slot is freed.
 //!
 //! A slot moves through an explicit state machine:
 //!
 //! ```text
-//! Free -> (in-capsule data or none) -> Executing -> Free | Sending -> Free
-//!      -> AwaitingData (R2T sent) -> Executing ...
+//! Free -> [NeedBuffer ->] Executing -> Free | Sending -> Free
+//!      -> [NeedBuffer ->] AwaitingData (R2T sent) -> Executing ...
 //! ```
 //!
+//! `NeedBuffer`: planned, waiting in its queue's pending list for the
+//! budget to give it its buffers.
 //! `Sending`: the response is queued and its data still referenced by the
 //! send queue; the slot is freed when that data has left.
 //! From `Executing` until it is free again a slot holds its namespace
@@ -25,6 +30,7 @@ use crate::wire::nvme::{Sqe, Status};
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SlotState {
     Free,
+    NeedBuffer,
     AwaitingData,
     Executing,
     Sending,
@@ -74,10 +80,6 @@ impl Request {
     }
 }
 
-/// Buffers above this are released when their command ends, so a burst of
-/// large transfers does not pin memory in every slot.
-const KEPT_BUF_BYTES: usize = 128 * 1024;
-
 /// The slots of one queue and their free list.
 pub struct RequestTable {
     slots: Vec<Request>,
@@ -95,6 +97,7 @@ impl RequestTable {
 
     /// A free slot set up for `sqe`, or None if the host has more commands
     /// outstanding than its queue holds.
+    #[inline]
     pub fn alloc(&mut self, sqe: Sqe) -> Option<u16> {
         let i = self.free.pop()?;
         let r = &mut self.slots[i as usize];
@@ -108,6 +111,7 @@ impl RequestTable {
         Some(i)
     }
 
+    #[inline]
     pub fn release(&mut self, i: u16) {
         let r = &mut self.slots[i as usize];
         debug_assert!(r.state != SlotState::Free);
@@ -116,19 +120,31 @@ impl RequestTable {
         r.lent = SharedBuf::empty();
         r.in_place = SharedBuf::empty();
         r.ns = None;
-        if r.buf.capacity() > KEPT_BUF_BYTES {
-            r.buf = IoBuf::empty();
-        }
-        if r.aux.capacity() > KEPT_BUF_BYTES {
-            r.aux = IoBuf::empty();
-        }
+        // Back to the core's budget for the next command, on any queue.
+        r.buf = IoBuf::empty();
+        r.aux = IoBuf::empty();
         self.free.push(i);
     }
 
+    #[inline]
+    pub fn has_free(&self) -> bool {
+        !self.free.is_empty()
+    }
+
+    /// Whether every slot waits for H2CData (none can finish before the
+    /// host sends more data).
+    pub fn all_awaiting_data(&self) -> bool {
+        self.slots
+            .iter()
+            .all(|r| r.state == SlotState::AwaitingData)
+    }
+
+    #[inline]
     pub fn get(&self, i: u16) -> Option<&Request> {
         self.slots.get(i as usize)
     }
 
+    #[inline]
     pub fn get_mut(&mut self, i: u16) -> Option<&mut Request> {
         self.slots.get_mut(i as usize)
     }
@@ -146,6 +162,7 @@ impl RequestTable {
     }
 
     /// What a read sends: the lent view if the bdev lent one, else `buf`.
+    #[inline]
     pub fn read_data(&self, i: u16) -> &[u8] {
         match self.slots.get(i as usize) {
             Some(r) if !r.lent.is_empty() => r.lent.as_slice(),

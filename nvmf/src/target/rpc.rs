@@ -114,6 +114,17 @@ fn create_transport(p: CreateTransportParams) -> Result<Value, RpcError> {
                 "Transport type 'TCP' already exists",
             ));
         }
+        let per_core = super::limits::buffer_budget_per_core(
+            p.opts.num_shared_buffers,
+            p.opts.io_unit_size,
+            p.opts.max_io_size,
+            reactor::cores().len(),
+        );
+        // Before any connection: a listener needs the transport, and each
+        // core takes messages in order.
+        for core in reactor::cores() {
+            reactor::send(core, move || bdev::buf::set_budget_bytes(per_core));
+        }
         t.transport = Some(p.opts);
         Ok(json!(true))
     })
@@ -436,13 +447,18 @@ fn get_qpairs(p: NqnParams) -> Result<Value, RpcError> {
 }
 
 async fn get_stats() -> Result<Value, RpcError> {
-    let completed =
-        reactor::for_each_core(|| (reactor::current_core().0, super::conn::completed_nvme_io()))
-            .await;
+    let completed = reactor::for_each_core(|| {
+        (
+            reactor::current_core().0,
+            super::conn::completed_nvme_io(),
+            super::conn::pending_data_buffer(),
+        )
+    })
+    .await;
     let groups = with_target(|t| {
         completed
             .iter()
-            .map(|(core, done)| {
+            .map(|(core, done, pending_buf)| {
                 let c = &t.controllers;
                 let total = c.stats.get(core).copied().unwrap_or_default();
                 let current = |admin: bool| {
@@ -455,7 +471,7 @@ async fn get_stats() -> Result<Value, RpcError> {
                        "admin_qpairs": total.admin_qpairs, "io_qpairs": total.io_qpairs,
                        "current_admin_qpairs": current(true), "current_io_qpairs": current(false),
                        "pending_bdev_io": 0, "completed_nvme_io": done,
-                       "transports": [{"trtype": "TCP"}]})
+                       "transports": [{"trtype": "TCP", "pending_data_buffer": pending_buf}]})
             })
             .collect::<Vec<_>>()
     });

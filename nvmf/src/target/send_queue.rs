@@ -3,9 +3,13 @@
 //! growing byte buffer, and data that already lies in a request slot's
 //! buffer (read data) is referenced in place, not copied.
 //!
-//! Invariant: segments leave in order; a slot segment keeps its slot out
+//! Invariants: segments leave in order; a slot segment keeps its slot out
 //! of reuse until its last byte has been handed to the socket, when
-//! [`SendQueue::advance`] reports the slot done.
+//! [`SendQueue::advance`] reports the slot done. The byte buffer holds the
+//! unsent bytes and at most as many sent ones again (it is compacted as it
+//! drains), so [`SendQueue::queued_bytes`] is what it costs in memory even
+//! while it never runs empty; the connection stops taking commands while
+//! that is above its limit.
 
 use std::collections::VecDeque;
 use std::io::IoSlice;
@@ -45,12 +49,21 @@ impl SendQueue {
         }
     }
 
+    #[inline]
     pub fn is_empty(&self) -> bool {
         self.segments.is_empty()
     }
 
+    /// Bytes of PDUs copied in and held (sent ones not yet compacted away
+    /// included); slot data is not counted (the slots own it).
+    #[inline]
+    pub fn queued_bytes(&self) -> usize {
+        self.bytes.len()
+    }
+
     /// Appends a copy of `b` (merged with the previous segment when that
     /// one is bytes too).
+    #[inline]
     pub fn push_bytes(&mut self, b: &[u8]) {
         if b.is_empty() {
             return;
@@ -69,6 +82,7 @@ impl SendQueue {
 
     /// Appends `len` bytes of `slot`'s buffer from `start`, sent from
     /// where they lie. An empty range still reports the slot done.
+    #[inline]
     pub fn push_slot(&mut self, slot: u16, start: usize, len: usize) {
         self.segments.push_back(Segment::Slot {
             slot,
@@ -79,6 +93,7 @@ impl SendQueue {
 
     /// Fills `out` with the queued data, in order, up to its length;
     /// `slot_data(slot)` gives a slot's buffer. Returns the slices filled.
+    #[inline]
     pub fn gather<'a>(
         &'a self,
         slot_data: impl Fn(u16) -> &'a [u8],
@@ -108,6 +123,7 @@ impl SendQueue {
 
     /// Drops `sent` bytes from the front; `slot_done` gets each slot whose
     /// segment is now fully sent.
+    #[inline]
     pub fn advance(&mut self, mut sent: usize, mut slot_done: impl FnMut(u16)) {
         while let Some(seg) = self.segments.front() {
             let left = seg.len() - self.head_sent;
@@ -123,6 +139,39 @@ impl SendQueue {
         }
         if self.segments.is_empty() {
             self.bytes.clear();
+            self.head_sent = 0;
+        } else {
+            self.compact();
+        }
+    }
+
+    /// Drops the sent bytes at the front of the byte buffer once they are
+    /// at least half of it (each byte is moved at most once on average).
+    fn compact(&mut self) {
+        let mut first = None;
+        for (i, seg) in self.segments.iter().enumerate() {
+            if let Segment::Bytes { start, .. } = *seg {
+                first = Some(start + if i == 0 { self.head_sent } else { 0 });
+                break;
+            }
+        }
+        // No bytes segment left: every byte in the buffer was sent.
+        let dead = first.unwrap_or(self.bytes.len());
+        if dead == 0 || dead < self.bytes.len() - dead {
+            return;
+        }
+        self.bytes.drain(..dead);
+        for (i, seg) in self.segments.iter_mut().enumerate() {
+            if let Segment::Bytes { start, end } = seg {
+                // The head segment's sent part goes with the rest.
+                if i == 0 {
+                    *start += self.head_sent;
+                }
+                *start -= dead;
+                *end -= dead;
+            }
+        }
+        if matches!(self.segments.front(), Some(Segment::Bytes { .. })) {
             self.head_sent = 0;
         }
     }
@@ -178,6 +227,44 @@ mod tests {
         q.advance(1, |s| done.push(s));
         assert!(q.is_empty());
         assert!(q.bytes.is_empty());
+    }
+
+    #[test]
+    fn a_queue_that_never_empties_keeps_its_memory_bounded() {
+        // A slow reader: every round queues responses and read data and
+        // the socket takes as much, but the queue never runs empty; the
+        // buffer must not keep every byte ever queued.
+        let slots = vec![vec![7u8; 100]];
+        let mut q = SendQueue::with_capacity(16, 4);
+        let mut pending = 0usize;
+        let mut sent_total = Vec::new();
+        let mut queued_total = Vec::new();
+        // Without compaction the bound fails within 20 rounds.
+        let rounds: u32 = if cfg!(miri) { 200 } else { 10_000 };
+        for round in 0..rounds {
+            let rsp = round.to_le_bytes();
+            q.push_bytes(&rsp);
+            q.push_slot(0, 0, 100);
+            q.push_bytes(&rsp);
+            queued_total.extend_from_slice(&rsp);
+            queued_total.extend_from_slice(&slots[0]);
+            queued_total.extend_from_slice(&rsp);
+            pending += 108;
+            // Half the first round stays behind: always something unsent.
+            let take = if round == 0 { 50 } else { 108 };
+            let all = flatten(&q, &slots);
+            assert_eq!(all.len(), pending);
+            sent_total.extend_from_slice(&all[..take]);
+            q.advance(take, |_| {});
+            pending -= take;
+            assert!(
+                q.queued_bytes() <= 2 * (pending + 8) + 16,
+                "round {round}: {} bytes held for {pending} unsent",
+                q.queued_bytes()
+            );
+        }
+        sent_total.extend_from_slice(&flatten(&q, &slots));
+        assert!(sent_total == queued_total, "everything leaves, in order");
     }
 
     #[test]

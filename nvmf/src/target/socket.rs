@@ -101,9 +101,10 @@ pub async fn readable(fd: RawFd) -> io::Result<()> {
 }
 
 /// A per-core epoll set: which of the core's sockets have something to
-/// read (or, while their output is blocked, room to write). The set's own
-/// descriptor becomes readable when any member is ready, so one wait on it
-/// wakes a parked reactor for all of them.
+/// read (unless their connection stopped reading) or, while their output
+/// is blocked, room to write. The set's own descriptor becomes readable
+/// when any member is ready, so one wait on it wakes a parked reactor for
+/// all of them.
 pub struct ReadySet {
     epfd: RawFd,
     events: Vec<libc::epoll_event>,
@@ -126,12 +127,22 @@ impl ReadySet {
         self.epfd
     }
 
-    fn ctl(&self, op: libc::c_int, fd: RawFd, token: u64, writable: bool) -> io::Result<()> {
-        let mut ev = libc::epoll_event {
-            events: (libc::EPOLLIN | libc::EPOLLRDHUP) as u32
-                | if writable { libc::EPOLLOUT as u32 } else { 0 },
-            u64: token,
-        };
+    fn ctl(
+        &self,
+        op: libc::c_int,
+        fd: RawFd,
+        token: u64,
+        input: bool,
+        output: bool,
+    ) -> io::Result<()> {
+        let mut events = 0u32;
+        if input {
+            events |= (libc::EPOLLIN | libc::EPOLLRDHUP) as u32;
+        }
+        if output {
+            events |= libc::EPOLLOUT as u32;
+        }
+        let mut ev = libc::epoll_event { events, u64: token };
         // SAFETY: ev is a valid epoll_event for the call's duration.
         if unsafe { libc::epoll_ctl(self.epfd, op, fd, &mut ev) } < 0 {
             return Err(io::Error::last_os_error());
@@ -141,12 +152,13 @@ impl ReadySet {
 
     /// Watches `fd` for input, reporting it as `token`.
     pub fn add(&self, fd: RawFd, token: u64) -> io::Result<()> {
-        self.ctl(libc::EPOLL_CTL_ADD, fd, token, false)
+        self.ctl(libc::EPOLL_CTL_ADD, fd, token, true, false)
     }
 
-    /// Also (or no longer) reports `fd` when it has room to write.
-    pub fn watch_writable(&self, fd: RawFd, token: u64, writable: bool) -> io::Result<()> {
-        self.ctl(libc::EPOLL_CTL_MOD, fd, token, writable)
+    /// Reports `fd` when it has input (`input`) and when it has room to
+    /// write (`output`); hang-ups and errors always.
+    pub fn set_interest(&self, fd: RawFd, token: u64, input: bool, output: bool) -> io::Result<()> {
+        self.ctl(libc::EPOLL_CTL_MOD, fd, token, input, output)
     }
 
     pub fn remove(&self, fd: RawFd) {
@@ -154,8 +166,9 @@ impl ReadySet {
         unsafe { libc::epoll_ctl(self.epfd, libc::EPOLL_CTL_DEL, fd, std::ptr::null_mut()) };
     }
 
-    /// The tokens of the members ready now (never blocks).
-    pub fn ready(&mut self) -> impl Iterator<Item = u64> + '_ {
+    /// The members ready now (never blocks): their tokens and whether
+    /// the socket hung up or failed (reported even without interest).
+    pub fn ready(&mut self) -> impl Iterator<Item = (u64, bool)> + '_ {
         // SAFETY: events has room for its length.
         let n = unsafe {
             libc::epoll_wait(
@@ -166,7 +179,10 @@ impl ReadySet {
             )
         };
         let n = n.max(0) as usize;
-        self.events[..n].iter().map(|e| e.u64)
+        let gone = (libc::EPOLLHUP | libc::EPOLLERR) as u32;
+        self.events[..n]
+            .iter()
+            .map(move |e| (e.u64, e.events & gone != 0))
     }
 }
 

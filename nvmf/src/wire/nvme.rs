@@ -302,6 +302,10 @@ pub mod sc {
 
 /// Fabrics command-specific status codes (SCT 1, NVMe over Fabrics 1.1).
 pub mod fabrics_sc {
+    /// Invalid Queue Identifier (a base command-specific status): what
+    /// SPDK answers a Connect for a QID beyond the controller's queues or
+    /// already live on it.
+    pub const INVALID_QUEUE_IDENTIFIER: u8 = 0x01;
     pub const INCOMPATIBLE_FORMAT: u8 = 0x80;
     pub const CONTROLLER_BUSY: u8 = 0x81;
     pub const CONNECT_INVALID_PARAMETERS: u8 = 0x82;

@@ -471,6 +471,7 @@ fn digest_flags(layout_hd: bool, data_dd: bool) -> u8 {
 
 /// Writes a CapsuleResp header (and header digest if negotiated); returns
 /// its length.
+#[inline]
 pub fn encode_capsule_resp(
     out: &mut [u8; SHORT_HLEN + DIGEST_BYTES],
     cqe: &Cqe,
@@ -524,6 +525,7 @@ impl DataHeader {
     /// plus the data digest; the data itself follows at the returned
     /// length. No padding (Linux hosts require CPDA 0). Returns the header
     /// length.
+    #[inline]
     pub fn encode(
         &self,
         out: &mut [u8; SHORT_HLEN + DIGEST_BYTES],
