@@ -42,7 +42,7 @@ for rep in $(seq "$REPS"); do
             -r "trtype:tcp adrfam:IPv4 traddr:127.0.0.1 trsvcid:$PORT subnqn:$NQN")
       iops=$(echo "$out" | python3 -c 'import json,sys; print(round(json.load(sys.stdin)["iops"]))')
       lat=$(echo "$out" | python3 -c 'import json,sys; print(round(json.load(sys.stdin)["latency_us"]["avg"],1))')
-      echo "$mode|$i|$iops|$lat" >> "$RES"
+      echo "$mode|$i|$iops|$lat|$rep" >> "$RES"
       echo "rep $rep $mode ${WORKLOADS[$i]}: $iops IOPS, avg $lat us"
     done
     kill "$TGT"; wait "$TGT" 2>/dev/null || true
@@ -55,7 +55,7 @@ res, wl = sys.argv[1], sys.argv[2:]
 rows = [l.strip().split('|') for l in open(res)]
 modes = [m for m in ('adaptive', 'busy', 'baseline') if any(x[0] == m for x in rows)]
 print("| workload | " + " | ".join(f"{m} IOPS (avg µs)" for m in modes)
-      + (" | adaptive / baseline |" if 'baseline' in modes else " |"))
+      + (" | adaptive / baseline (median of pair ratios; ratio of medians) |" if 'baseline' in modes else " |"))
 print("|---|" + "---:|" * (len(modes) + ('baseline' in modes)))
 for i, w in enumerate(wl):
     cell = []
@@ -67,7 +67,11 @@ for i, w in enumerate(wl):
         med[mode] = iops
         cell.append(f"{iops:,.0f}{mib} ({lat})")
     if 'baseline' in med:
-        cell.append(f"{med['adaptive'] / med['baseline']:.2f}")
+        # Same-round pairs: the machine's speed swings between runs.
+        by = {(x[0], x[4]): int(x[2]) for x in rows if int(x[1]) == i}
+        pairs = [by[('adaptive', r)] / by[('baseline', r)] for (m, r) in by
+                 if m == 'baseline' and ('adaptive', r) in by]
+        cell.append(f"{statistics.median(pairs):.2f}; {med['adaptive'] / med['baseline']:.2f}")
     print(f"| `{w}` | " + " | ".join(cell) + " |")
 PY
 rm -f "$CONF" "$RES"
