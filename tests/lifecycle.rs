@@ -100,26 +100,8 @@ fn an_idle_adaptive_target_uses_under_one_percent_of_a_core() {
         );
     }
     std::thread::sleep(Duration::from_secs(1));
-    // SAFETY: sysconf has no preconditions.
     // An NVMe/TCP subsystem with a listener and a connected, idle host.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    t.ok("nvmf_create_transport", json!({"trtype": "TCP"}));
-    t.ok(
-        "nvmf_create_subsystem",
-        json!({"nqn": "nqn.2016-06.io.spdk:idle", "allow_any_host": true}),
-    );
-    t.ok(
-        "nvmf_subsystem_add_ns",
-        json!({"nqn": "nqn.2016-06.io.spdk:idle", "namespace": {"bdev_name": "N0"}}),
-    );
-    t.ok(
-        "nvmf_subsystem_add_listener",
-        json!({"nqn": "nqn.2016-06.io.spdk:idle", "listen_address": {"trtype": "tcp", "traddr": "127.0.0.1", "trsvcid": port.to_string()}}),
-    );
+    let port = t.export_tcp("nqn.2016-06.io.spdk:idle", "N0").port();
     let mut host = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
     let mut ic = [0u8; 128];
     ic[2] = 128;
@@ -128,6 +110,7 @@ fn an_idle_adaptive_target_uses_under_one_percent_of_a_core() {
     std::io::Read::read_exact(&mut host, &mut ic).unwrap();
     assert_eq!(ic[0], 1, "ICResp");
     std::thread::sleep(Duration::from_secs(1));
+    // SAFETY: sysconf has no preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
     let before = cpu_ticks(t.pid());
     std::thread::sleep(Duration::from_secs(10));

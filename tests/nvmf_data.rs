@@ -28,25 +28,7 @@ fn export(t: &Target, backing: Backing) -> SocketAddr {
 
 /// Exports bdev `name` as namespace 1 of `NQN` on a free port.
 fn export_bdev(t: &Target, name: &str) -> SocketAddr {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    t.ok("nvmf_create_transport", json!({"trtype": "TCP"}));
-    t.ok(
-        "nvmf_create_subsystem",
-        json!({"nqn": NQN, "allow_any_host": true}),
-    );
-    t.ok(
-        "nvmf_subsystem_add_ns",
-        json!({"nqn": NQN, "namespace": {"bdev_name": name}}),
-    );
-    t.ok(
-        "nvmf_subsystem_add_listener",
-        json!({"nqn": NQN, "listen_address": {"trtype": "tcp", "adrfam": "IPv4", "traddr": "127.0.0.1", "trsvcid": port.to_string()}}),
-    );
-    format!("127.0.0.1:{port}").parse().unwrap()
+    t.export_tcp(NQN, name)
 }
 
 fn block_data(lba: u64, seed: u8) -> Vec<u8> {

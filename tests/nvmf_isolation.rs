@@ -21,7 +21,7 @@ use std::net::TcpStream;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use common::{pattern, Client, Target};
+use common::{free_port, pattern, Client, Target};
 use nvmf::initiator::connect_command;
 use nvmf::wire::fabrics::{fctype, reg, PropertyCmd, CNTLID_DYNAMIC, NQN_MAX_BYTES};
 use nvmf::wire::nvme::{Cqe, SglDescriptor, Sqe, FLAGS_PSDT_SGL, OPC_FABRICS};
@@ -49,14 +49,6 @@ const AEN_NS_ATTRIBUTE_CHANGED: u32 = 0x0004_0002;
 enum Backing {
     Malloc,
     File,
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// A target with subsystem `NQN` listening on a port: namespace 1 is

@@ -28,7 +28,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{Backing, Target};
+use common::{free_port, Backing, Target};
 use nvmf::initiator::{HostError, HostPdu, HostQueue};
 use nvmf::wire::nvme::{Cqe, SglDescriptor, Sqe, Status, FLAGS_PSDT_SGL};
 use nvmf::wire::pdu::{encode_capsule_cmd, Digests, IcReq, CAPSULE_CMD_HLEN, IC_BYTES};
@@ -54,14 +54,6 @@ fn flood_secs() -> u64 {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(10)
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// A target on two cores with `args`, a subsystem of two uring-file

@@ -4,19 +4,12 @@
 
 mod common;
 
+use common::free_port;
 use common::Target;
 use serde_json::{json, Value};
 
 const NQN: &str = "nqn.2016-06.io.spdk:cnode1";
 const HOST: &str = "nqn.2014-08.org.nvmexpress:uuid:1b4e28ba-2fa1-11d2-883f-0016d3cca427";
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 #[test]
 fn subsystems_namespaces_hosts_and_listeners() {

@@ -16,11 +16,7 @@ const NQN: &str = "nqn.2016-06.io.spdk:cnode1";
 
 fn target_with_listener() -> (Target, u16) {
     let t = Target::start();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = common::free_port();
     t.ok("nvmf_create_transport", json!({"trtype": "TCP"}));
     t.ok(
         "nvmf_create_subsystem",

@@ -17,7 +17,6 @@
 mod common;
 
 use std::io::{Read, Write};
-use std::net::SocketAddr;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -405,26 +404,7 @@ fn crash_round(c: &Crash, round: usize) {
         json!({"name": "R1", "raid_level": "raid1", "superblock": true,
                "base_bdevs": (0..c.members).map(base).collect::<Vec<_>>()}),
     );
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    t.ok("nvmf_create_transport", json!({"trtype": "TCP"}));
-    t.ok(
-        "nvmf_create_subsystem",
-        json!({"nqn": NQN, "allow_any_host": true}),
-    );
-    t.ok(
-        "nvmf_subsystem_add_ns",
-        json!({"nqn": NQN, "namespace": {"bdev_name": "R1"}}),
-    );
-    t.ok(
-        "nvmf_subsystem_add_listener",
-        json!({"nqn": NQN, "listen_address": {"trtype": "tcp", "adrfam": "IPv4",
-               "traddr": "127.0.0.1", "trsvcid": port.to_string()}}),
-    );
-    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let addr = t.export_tcp(NQN, "R1");
     let admin = HostQueue::connect(addr, NQN, HOSTNQN, 0, 0, 31, Digests::default()).unwrap();
     let units = (MEMBER_BYTES - data_offset_bytes(BLOCK_SIZE)) / UNIT_BYTES as u64;
     let per_queue = units / QUEUES as u64;

@@ -14,6 +14,15 @@ use serde_json::{json, Value};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_ferroplane");
 
+/// A TCP port free on 127.0.0.1 right now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 static NEXT: AtomicU64 = AtomicU64::new(0);
 
 pub fn scratch_dir() -> PathBuf {
@@ -93,6 +102,29 @@ impl Target {
             Ok(v) => panic!("{method} unexpectedly succeeded: {v}"),
             Err(e) => e["code"].as_i64().unwrap(),
         }
+    }
+
+    /// Exports `bdev` as namespace 1 of a new subsystem `nqn` (any host)
+    /// listening on a free 127.0.0.1 port, creating the TCP transport
+    /// first if there is none.
+    pub fn export_tcp(&self, nqn: &str, bdev: &str) -> std::net::SocketAddr {
+        let port = free_port();
+        // Already there from an earlier export: fine.
+        let _ = self.call("nvmf_create_transport", json!({"trtype": "TCP"}));
+        self.ok(
+            "nvmf_create_subsystem",
+            json!({"nqn": nqn, "allow_any_host": true}),
+        );
+        self.ok(
+            "nvmf_subsystem_add_ns",
+            json!({"nqn": nqn, "namespace": {"bdev_name": bdev}}),
+        );
+        self.ok(
+            "nvmf_subsystem_add_listener",
+            json!({"nqn": nqn, "listen_address": {"trtype": "tcp", "adrfam": "IPv4",
+                   "traddr": "127.0.0.1", "trsvcid": port.to_string()}}),
+        );
+        std::net::SocketAddr::from(([127, 0, 0, 1], port))
     }
 
     pub fn bdev_names(&self) -> Vec<String> {
