@@ -24,10 +24,32 @@ const SUBSYSTEMS: &[(&str, &[&str])] = &[("bdev", &[]), ("nvmf", &["bdev"])];
 
 fn subsystem_config(name: &str) -> Option<Value> {
     match name {
-        "bdev" => Some(bdev::bdev_rpc::subsystem_config()),
+        "bdev" => Some(bdev_config()),
         "nvmf" => Some(nvmf::target::rpc::subsystem_config()),
         _ => None,
     }
+}
+
+/// The bdev subsystem's section. SPDK writes the layer's options, then
+/// each module's `config_json` (options, and for nvme its controllers and
+/// hotplug), then each bdev's create. The `bdev` crate knows nothing of
+/// NVMe, so the nvme module's entries go in here, after the leading option
+/// entries the bdev crate writes and before the first create.
+fn bdev_config() -> Value {
+    let mut entries = match bdev::bdev_rpc::subsystem_config() {
+        Value::Array(a) => a,
+        other => return other,
+    };
+    let at = entries
+        .iter()
+        .position(|e| {
+            !e["method"]
+                .as_str()
+                .is_some_and(|m| m.ends_with("_set_options"))
+        })
+        .unwrap_or(entries.len());
+    entries.splice(at..at, nvmf::bdev_nvme::rpc::config_json());
+    Value::Array(entries)
 }
 
 fn full_config() -> Value {
