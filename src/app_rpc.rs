@@ -352,6 +352,11 @@ pub fn register(table: &mut RpcTable, ctx: Rc<AppContext>) {
             match c.start_init.borrow_mut().take() {
                 Some(tx) => {
                     tx.complete(());
+                    // As SPDK, answered once the target is in its run-time
+                    // state, so the client's next call may be a run-time one.
+                    while c.state.get() != RpcState::Runtime {
+                        reactor::sleep(Duration::from_millis(1)).await;
+                    }
                     Ok(json!(true))
                 }
                 None => Err(RpcError::new(

@@ -7,10 +7,9 @@
 
 mod common;
 
-use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::Target;
+use common::{spdk_rpc, spdk_rpc_available, Target};
 use serde_json::{json, Value};
 
 /// The engine's call, exactly as its client sends it (`types/nvme.go`).
@@ -294,39 +293,6 @@ fn bad_options_get_spdks_errors_and_change_nothing() {
         entry(&t, "bdev_nvme_set_hotplug"),
         json!({"period_us": 10_000_000u64, "enable": true})
     );
-}
-
-/// `spdk-rpc` (SPDK's rpc.py from PyPI) on the PATH, or a skip notice;
-/// `FERROPLANE_REQUIRE_SPDK_RPC=1` makes its absence a failure (as in
-/// tests/spdk_rpc.rs).
-fn spdk_rpc_available() -> bool {
-    let found = Command::new("spdk-rpc")
-        .arg("--help")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !found {
-        assert!(
-            std::env::var("FERROPLANE_REQUIRE_SPDK_RPC").as_deref() != Ok("1"),
-            "spdk-rpc not found: pip install spdk==26.9"
-        );
-        eprintln!("SKIPPED: spdk-rpc not installed (pip install spdk==26.9)");
-    }
-    found
-}
-
-fn spdk_rpc(t: &Target, args: &[&str]) -> Result<String, String> {
-    let out = Command::new("spdk-rpc")
-        .arg("-s")
-        .arg(&t.socket)
-        .args(args)
-        .output()
-        .expect("run spdk-rpc");
-    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
-    if out.status.success() {
-        Ok(stdout)
-    } else {
-        Err(format!("{stdout}{}", String::from_utf8_lossy(&out.stderr)))
-    }
 }
 
 #[test]

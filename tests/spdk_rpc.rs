@@ -7,44 +7,13 @@
 
 mod common;
 
-use std::process::Command;
 use std::time::Duration;
 
-use common::Target;
+use common::{spdk_rpc, spdk_rpc_available, Target};
 use serde_json::Value;
 
-fn spdk_rpc_available() -> bool {
-    let found = Command::new("spdk-rpc")
-        .arg("--help")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !found {
-        assert!(
-            std::env::var("FERROPLANE_REQUIRE_SPDK_RPC").as_deref() != Ok("1"),
-            "spdk-rpc not found: pip install spdk==26.9"
-        );
-        eprintln!("SKIPPED: spdk-rpc not installed (pip install spdk==26.9)");
-    }
-    found
-}
-
-fn rpc(t: &Target, args: &[&str]) -> Result<String, String> {
-    let out = Command::new("spdk-rpc")
-        .arg("-s")
-        .arg(&t.socket)
-        .args(args)
-        .output()
-        .expect("run spdk-rpc");
-    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
-    if out.status.success() {
-        Ok(stdout)
-    } else {
-        Err(format!("{stdout}{}", String::from_utf8_lossy(&out.stderr)))
-    }
-}
-
 fn ok(t: &Target, args: &[&str]) -> String {
-    rpc(t, args).unwrap_or_else(|e| panic!("spdk-rpc {args:?} failed:\n{e}"))
+    spdk_rpc(t, args).unwrap_or_else(|e| panic!("spdk-rpc {args:?} failed:\n{e}"))
 }
 
 #[test]
@@ -136,9 +105,9 @@ fn spdk_rpc_py_drives_the_target_unchanged() {
     ok(&t, &["rpc_get_methods"]);
 
     // Errors come back as rpc.py reports them.
-    let e = rpc(&t, &["bdev_malloc_create", "-b", "Malloc0", "8", "512"]).unwrap_err();
+    let e = spdk_rpc(&t, &["bdev_malloc_create", "-b", "Malloc0", "8", "512"]).unwrap_err();
     assert!(e.contains("-17") && e.contains("File exists"), "{e}");
-    let e = rpc(&t, &["bdev_malloc_delete", "Nope"]).unwrap_err();
+    let e = spdk_rpc(&t, &["bdev_malloc_delete", "Nope"]).unwrap_err();
     assert!(e.contains("-19") && e.contains("No such device"), "{e}");
 
     // save_config, wipe, load_config: the same bdevs come back.
@@ -242,7 +211,7 @@ fn spdk_rpc_py_drives_raid_unchanged() {
         std::thread::sleep(Duration::from_millis(50));
     }
     // A member already claimed: rpc.py reports the error, nothing changes.
-    let e = rpc(
+    let e = spdk_rpc(
         &t,
         &["bdev_raid_create", "-n", "R2", "-r", "1", "-b", "M0 M1"],
     )

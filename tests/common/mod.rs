@@ -236,6 +236,40 @@ impl Client {
     }
 }
 
+/// `spdk-rpc` (SPDK's rpc.py from PyPI) is on the PATH, or a skip notice
+/// is printed; `FERROPLANE_REQUIRE_SPDK_RPC=1` (CI) makes its absence a
+/// failure.
+pub fn spdk_rpc_available() -> bool {
+    let found = Command::new("spdk-rpc")
+        .arg("--help")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !found {
+        assert!(
+            std::env::var("FERROPLANE_REQUIRE_SPDK_RPC").as_deref() != Ok("1"),
+            "spdk-rpc not found: pip install spdk==26.9"
+        );
+        eprintln!("SKIPPED: spdk-rpc not installed (pip install spdk==26.9)");
+    }
+    found
+}
+
+/// Runs SPDK's rpc.py against `t`: its stdout, or stdout and stderr.
+pub fn spdk_rpc(t: &Target, args: &[&str]) -> Result<String, String> {
+    let out = Command::new("spdk-rpc")
+        .arg("-s")
+        .arg(&t.socket)
+        .args(args)
+        .output()
+        .expect("run spdk-rpc");
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    if out.status.success() {
+        Ok(stdout)
+    } else {
+        Err(format!("{stdout}{}", String::from_utf8_lossy(&out.stderr)))
+    }
+}
+
 pub fn hex(data: &[u8]) -> String {
     data.iter().map(|b| format!("{b:02x}")).collect()
 }
