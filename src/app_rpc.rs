@@ -349,7 +349,8 @@ pub fn register(table: &mut RpcTable, ctx: Rc<AppContext>) {
     table.register_no_params("framework_start_init", StateMask::STARTUP, move || {
         let c = c.clone();
         async move {
-            match c.start_init.borrow_mut().take() {
+            let start = c.start_init.borrow_mut().take();
+            match start {
                 Some(tx) => {
                     tx.complete(());
                     // As SPDK, answered once the target is in its run-time
