@@ -26,7 +26,7 @@ pub use buf::{BufLender, SharedBuf};
 pub use channel::{BdevChannel, IoChannel};
 pub use io::{BdevIo, IoBox, IoBuf, IoCompletion, IoStatus, IoType};
 pub use range_lock::{LockKind, RangeLock};
-pub use registry::{Descriptor, NameReservation};
+pub use registry::{ClaimType, Descriptor, NameReservation};
 pub mod module;
 #[cfg(test)]
 mod testutil;
