@@ -66,6 +66,10 @@ fn each_bdev_kind_is_created_listed_used_and_deleted() {
     assert_eq!(m0["block_size"], 512);
     assert_eq!(m0["num_blocks"], 2048);
     assert_eq!(m0["claimed"], true, "Delay0 claims its base");
+    // SPDK's strings; claim_type only when claimed (bdev_rpc.c).
+    assert_eq!(m0["claim_type"], "exclusive_write");
+    assert_eq!(by("Null0")["claimed"], false);
+    assert!(by("Null0").get("claim_type").is_none());
     assert_eq!(m0["aliases"], json!([m0["uuid"]]));
     assert_eq!(m0["supported_io_types"]["read"], true);
     assert_eq!(m0["driver_specific"], json!({}));

@@ -140,6 +140,8 @@ pub(crate) struct BdevShared {
     /// Whether `props.io` asks for anything (alignment or splitting): the
     /// submit path checks this one flag for bdevs that take any I/O.
     pub(crate) shapes_io: bool,
+    /// Range locks held or asked for (`range_lock.rs`); never per I/O.
+    pub(crate) locks: Mutex<crate::range_lock::LockTable>,
 }
 
 /// A registered bdev. Cheap to clone and `Send`: channels on every core
@@ -165,6 +167,7 @@ impl BdevHandle {
             ops,
             removed: AtomicBool::new(false),
             retired_stats: Mutex::new(IoStat::default()),
+            locks: Mutex::new(Default::default()),
         }))
     }
 
@@ -226,6 +229,11 @@ impl BdevHandle {
 
     pub fn is_removed(&self) -> bool {
         self.0.removed.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn lock_table(&self) -> std::sync::MutexGuard<'_, crate::range_lock::LockTable> {
+        // A panic while holding it aborts the process: poison is not seen.
+        self.0.locks.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// This core's channel to the bdev, created on first use.

@@ -89,6 +89,7 @@ pub fn bdev_json(b: &BdevHandle) -> Value {
     let view = registry::view(b);
     let aliases = view.as_ref().map(|v| v.aliases.clone()).unwrap_or_default();
     let claimed_by = view.as_ref().and_then(|v| v.claimed_by);
+    let claim_type = view.as_ref().and_then(|v| v.claim_type);
     let mut o = Map::new();
     o.insert("name".into(), json!(b.name()));
     o.insert("aliases".into(), json!(aliases));
@@ -109,9 +110,12 @@ pub fn bdev_json(b: &BdevHandle) -> Value {
         "assigned_rate_limits".into(),
         json!({"rw_ios_per_sec": 0, "rw_mbytes_per_sec": 0, "r_mbytes_per_sec": 0, "w_mbytes_per_sec": 0}),
     );
-    o.insert("claimed".into(), json!(claimed_by.is_some()));
+    // As SPDK's bdev_rpc.c: claim_type only when claimed.
+    o.insert("claimed".into(), json!(claim_type.is_some()));
+    if let Some(t) = claim_type {
+        o.insert("claim_type".into(), json!(t.as_str()));
+    }
     if let Some(m) = claimed_by {
-        o.insert("claim_type".into(), json!("exclusive_write"));
         o.insert("claimed_by".into(), json!(m));
     }
     o.insert("zoned".into(), json!(false));

@@ -20,6 +20,12 @@
 //! or after [`NOMEM_RETRY_DELAY`] if none is in flight: the submitter never
 //! sees a transient shortage.
 //!
+//! Range locks (`range_lock.rs`) hold back I/O that overlaps a locked
+//! range in the channel it was submitted to, ahead of any shaping. A
+//! channel's `gate` flags say whether a submit needs the locks or the
+//! shaping at all, so a bdev with neither takes one test and goes straight
+//! to the module.
+//!
 //! Unregister drains: it waits on every core until the bdev's channel has
 //! no I/O in flight before the module's `destruct` runs (`drain_core`).
 
@@ -42,6 +48,16 @@ mod attention {
     pub const NOMEM: u8 = 1;
     /// Unregister waits in `drain_waiters`.
     pub const DRAIN: u8 = 2;
+    /// A range lock waits for I/O admitted before it.
+    pub const LOCKS: u8 = 4;
+}
+
+/// `ChannelInner::gate`: why a submit leaves the direct path.
+mod gate {
+    /// The bdev has [`crate::IoRequirements`] (split, bounce).
+    pub const SHAPES: u8 = 1;
+    /// The channel holds a range lock.
+    pub const LOCKS: u8 = 2;
 }
 
 /// A module's per-core channel: receives I/O for its bdev on this core.
@@ -68,6 +84,10 @@ pub(crate) struct ChannelInner {
     nomem_listed: Cell<bool>,
     /// Unregister waiting for `in_flight` to reach zero.
     drain_waiters: RefCell<Vec<reactor::CompletionSender<()>>>,
+    /// `gate::*`: a submit takes the direct path when zero.
+    gate: Cell<u8>,
+    /// Range locks on this channel and the I/O they hold back.
+    locks: RefCell<crate::range_lock::ChannelLocks>,
 }
 
 impl Drop for ChannelInner {
@@ -113,13 +133,26 @@ impl IoChannel {
 
     /// [`IoChannel::submit`] with `frame_flags` for this layer's frame.
     #[inline]
-    pub(crate) fn submit_with(&self, mut io: IoBox, cb: Rc<dyn IoCompletion>, flags: u8) {
+    pub(crate) fn submit_with(&self, io: IoBox, cb: Rc<dyn IoCompletion>, flags: u8) {
+        self.submit_frame(io, cb, flags, 0);
+    }
+
+    /// Submits `io` as the owner of range lock `owner`
+    /// ([`crate::range_lock::RangeLock::owner`]): that lock does not hold
+    /// it back (others still do).
+    pub fn submit_as_owner(&self, io: IoBox, cb: Rc<dyn IoCompletion>, owner: u64) {
+        self.submit_frame(io, cb, 0, owner);
+    }
+
+    #[inline]
+    fn submit_frame(&self, mut io: IoBox, cb: Rc<dyn IoCompletion>, flags: u8, owner: u64) {
         let frame = Frame {
             channel: self.clone(),
             cb,
             submit_tick: reactor::ticks::now(),
             module_ctx: 0,
             flags,
+            lock_slot: 0,
         };
         if !io.push_frame(frame) {
             // Stack overflow: cannot even record a frame; fail to the caller
@@ -136,11 +169,77 @@ impl IoChannel {
         let ok = self.validate(&io);
         CORE.with(|c| c.submit_depth.set(c.submit_depth.get() + 1));
         if !ok {
-            io.complete(IoStatus::Failed);
-        } else if self.0.bdev.0.shapes_io {
+            self.fail_invalid(io);
+        } else if self.0.gate.get() != 0 {
+            self.submit_gated(io, flags, owner);
+        } else {
+            self.0.module.clone().submit(io);
+        }
+        CORE.with(|c| c.submit_depth.set(c.submit_depth.get() - 1));
+    }
+
+    #[cold]
+    fn fail_invalid(&self, mut io: IoBox) {
+        if self.0.gate.get() & gate::LOCKS != 0 {
+            crate::range_lock::mark_seen(self, &mut io);
+        }
+        io.complete(IoStatus::Failed);
+    }
+
+    /// Submit through the range locks, then the shaping, of this channel.
+    fn submit_gated(&self, mut io: IoBox, flags: u8, owner: u64) {
+        if self.0.gate.get() & gate::LOCKS != 0 {
+            if flags & frame_flags::SPLIT_CHILD != 0 {
+                crate::range_lock::mark_seen(self, &mut io);
+            } else {
+                match crate::range_lock::admit(self, io, owner) {
+                    Some(admitted) => io = admitted,
+                    None => return,
+                }
+            }
+        }
+        if self.0.bdev.0.shapes_io {
             self.submit_shaped(io, flags);
         } else {
             self.0.module.clone().submit(io);
+        }
+    }
+
+    pub(crate) fn locks(&self) -> &RefCell<crate::range_lock::ChannelLocks> {
+        &self.0.locks
+    }
+
+    /// Sets whether the channel holds range locks (`has`) and whether one
+    /// still waits for I/O admitted before it (`draining`).
+    pub(crate) fn set_lock_flags(&self, has: bool, draining: bool) {
+        let g = self.0.gate.get() & !gate::LOCKS;
+        self.0.gate.set(if has { g | gate::LOCKS } else { g });
+        let a = self.0.attention.get() & !attention::LOCKS;
+        self.0
+            .attention
+            .set(if draining { a | attention::LOCKS } else { a });
+    }
+
+    /// Submits again, in order, I/O a range lock held back (each is checked
+    /// against the locks still there). Completions are deferred as in any
+    /// submit.
+    pub(crate) fn resubmit_waiting(&self, waiting: VecDeque<(IoBox, u64)>) {
+        if waiting.is_empty() {
+            return;
+        }
+        CORE.with(|c| c.submit_depth.set(c.submit_depth.get() + 1));
+        for (io, owner) in waiting {
+            if self.0.bdev.is_removed() {
+                io.complete(IoStatus::Failed);
+                continue;
+            }
+            if let Some(io) = crate::range_lock::admit(self, io, owner) {
+                if self.0.bdev.0.shapes_io {
+                    self.submit_shaped(io, 0);
+                } else {
+                    self.0.module.clone().submit(io);
+                }
+            }
         }
         CORE.with(|c| c.submit_depth.set(c.submit_depth.get() - 1));
     }
@@ -315,7 +414,7 @@ fn deliver(mut io: IoBox, now: u64) {
     ch.in_flight.set(ch.in_flight.get() - 1);
     let latency = now.saturating_sub(frame.submit_tick);
     io.set_latency_ticks(latency);
-    if frame.flags != 0 && !deliver_flagged(&mut io, frame.flags) {
+    if frame.flags != 0 && !deliver_flagged(&mut io, &frame) {
         // A split's piece: the parent records the statistics.
     } else {
         let bytes = io.num_blocks * ch.bdev.block_size() as u64;
@@ -334,9 +433,13 @@ fn deliver(mut io: IoBox, now: u64) {
 /// The frame flags' part of a completion: the submitter's buffers back
 /// after a bounce. Returns whether the layer records statistics.
 #[cold]
-fn deliver_flagged(io: &mut crate::io::BdevIo, flags: u8) -> bool {
+fn deliver_flagged(io: &mut crate::io::BdevIo, frame: &Frame) -> bool {
+    let flags = frame.flags;
     if flags & frame_flags::BOUNCED != 0 {
         unbounce(io);
+    }
+    if flags & frame_flags::LOCK_SEEN != 0 {
+        crate::range_lock::seen_done(&frame.channel, frame.lock_slot);
     }
     flags & frame_flags::SPLIT_CHILD == 0
 }
@@ -348,6 +451,9 @@ fn deliver_flagged(io: &mut crate::io::BdevIo, flags: u8) -> bool {
 fn deliver_with_attention(io: IoBox, frame: Frame) {
     let ch = frame.channel.clone();
     let inner = &ch.0;
+    if inner.attention.get() & attention::LOCKS != 0 && frame.flags & frame_flags::LOCK_SEEN == 0 {
+        crate::range_lock::untracked_done(&ch);
+    }
     if inner.in_flight.get() == 0 && inner.attention.get() & attention::DRAIN != 0 {
         inner
             .attention
@@ -475,7 +581,14 @@ pub(crate) fn get_channel(bdev: &BdevHandle) -> IoChannel {
     }
     ensure_completion_poller();
     let module = bdev.ops().create_channel();
+    let locks = crate::range_lock::ChannelLocks::for_new_channel(bdev);
+    let mut g = if bdev.0.shapes_io { gate::SHAPES } else { 0 };
+    if locks.has_locks() {
+        g |= gate::LOCKS;
+    }
     let inner = Rc::new(ChannelInner {
+        gate: Cell::new(g),
+        locks: RefCell::new(locks),
         bdev: bdev.clone(),
         module,
         stats: RefCell::new(IoStat::default()),
@@ -487,6 +600,12 @@ pub(crate) fn get_channel(bdev: &BdevHandle) -> IoChannel {
     });
     CORE.with(|c| c.channels.borrow_mut().insert(id, Rc::downgrade(&inner)));
     IoChannel(inner)
+}
+
+/// This core's live channel of bdev `id`, if any.
+pub(crate) fn find_channel(id: u64) -> Option<IoChannel> {
+    CORE.with(|c| c.channels.borrow().get(&id).and_then(|w| w.upgrade()))
+        .map(IoChannel)
 }
 
 /// This core's live channel statistics, by bdev id.

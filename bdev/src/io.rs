@@ -104,6 +104,9 @@ pub(crate) struct Frame {
     pub(crate) module_ctx: u64,
     /// `frame_flags::*`.
     pub(crate) flags: u8,
+    /// With `LOCK_SEEN`: the I/O's entry in the channel's range-lock
+    /// tracking (`range_lock::NO_SLOT`: none). In the frame's padding.
+    pub(crate) lock_slot: u32,
 }
 
 pub(crate) mod frame_flags {
@@ -114,6 +117,9 @@ pub(crate) mod frame_flags {
     /// the submitter's buffers back (and a read's data into them) when it
     /// completes.
     pub const BOUNCED: u8 = 2;
+    /// Submitted while the channel had a range lock: its range is tracked
+    /// (`lock_slot`), or it never reaches the module (see `range_lock.rs`).
+    pub const LOCK_SEEN: u8 = 4;
 }
 
 /// One I/O request. Fields describing the request are public; the frame

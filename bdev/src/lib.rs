@@ -15,6 +15,7 @@ pub mod buf;
 pub mod channel;
 pub mod config;
 pub mod io;
+pub mod range_lock;
 pub mod registry;
 pub mod slab;
 mod split;
@@ -24,7 +25,8 @@ pub use bdev::{Bdev, BdevHandle, BdevProps, IoRequirements, LocalFuture};
 pub use buf::{BufLender, SharedBuf};
 pub use channel::{BdevChannel, IoChannel};
 pub use io::{BdevIo, IoBox, IoBuf, IoCompletion, IoStatus, IoType};
-pub use registry::{Descriptor, NameReservation};
+pub use range_lock::{LockKind, RangeLock};
+pub use registry::{ClaimType, Descriptor, NameReservation};
 pub mod module;
 #[cfg(test)]
 mod testutil;

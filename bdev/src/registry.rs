@@ -2,6 +2,14 @@
 //! register with examine, lookup by name/alias/UUID, descriptors with
 //! hot-remove, claims, unregister, and `wait_for_examine`.
 //!
+//! Claims (SPDK's claim types, `spdk_bdev_module_claim_bdev_desc`): a
+//! module holding a bdev through a descriptor says how it shares it.
+//! [`ClaimType::ExclusiveWrite`] (one holder; nothing else opens it for
+//! writing) and [`ClaimType::ReadManyWriteNone`] (any number of read-only
+//! holders, e.g. the clones over a snapshot; nothing opens it for writing
+//! or claims it otherwise). A bdev carries one claim type at a time; a
+//! claim goes with its descriptor's close, and the type with the last one.
+//!
 //! Owned by the main reactor: every function here runs there (asserted).
 //! Invariants (SPEC §2, §4):
 //! - A name (or alias or UUID) is taken from the moment its create reserves
@@ -43,13 +51,35 @@ struct Entry {
     bdev: BdevHandle,
     aliases: Vec<String>,
     state: EntryState,
-    claim: Option<Claim>,
+    /// The claim type and its holders (one for exclusive_write); no
+    /// holder: not claimed.
+    claim: Option<(ClaimType, Vec<Claim>)>,
 }
 
 #[derive(Debug, Clone)]
 struct Claim {
     desc_id: u64,
     module: &'static str,
+}
+
+/// How a claiming module shares the bdev (SPDK's `spdk_bdev_claim_type`;
+/// read_many_write_one and read_many_write_shared are not implemented).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClaimType {
+    /// One holder, which may write; no other descriptor writes.
+    ExclusiveWrite,
+    /// Many read-only holders; no descriptor writes.
+    ReadManyWriteNone,
+}
+
+impl ClaimType {
+    /// SPDK's name (`claim_type` in `bdev_get_bdevs`).
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            ClaimType::ExclusiveWrite => "exclusive_write",
+            ClaimType::ReadManyWriteNone => "read_many_write_none",
+        }
+    }
 }
 
 struct DescState {
@@ -311,7 +341,9 @@ pub fn list() -> Vec<BdevHandle> {
 #[derive(Debug, Clone)]
 pub struct RegistryView {
     pub aliases: Vec<String>,
+    /// The first claim holder's module.
     pub claimed_by: Option<&'static str>,
+    pub claim_type: Option<ClaimType>,
 }
 
 pub fn view(bdev: &BdevHandle) -> Option<RegistryView> {
@@ -321,7 +353,12 @@ pub fn view(bdev: &BdevHandle) -> Option<RegistryView> {
             .find(|e| e.bdev == *bdev)
             .map(|e| RegistryView {
                 aliases: e.aliases.clone(),
-                claimed_by: e.claim.as_ref().map(|c| c.module),
+                claimed_by: e
+                    .claim
+                    .as_ref()
+                    .and_then(|(_, h)| h.first())
+                    .map(|c| c.module),
+                claim_type: e.claim.as_ref().map(|(t, _)| *t),
             })
     })
 }
@@ -462,7 +499,16 @@ impl Descriptor {
     /// else may then open it for writing. EPERM if already claimed or open
     /// for writing through another descriptor.
     pub fn claim(&self, module: &'static str) -> Result<()> {
-        let (id, bdev_id) = (self.id, self.bdev.id());
+        self.claim_as(module, ClaimType::ExclusiveWrite)
+    }
+
+    /// Claims the bdev for `module` as `kind`. EPERM if it is claimed with
+    /// another type, this descriptor already holds a claim, or another
+    /// descriptor is open for writing; EINVAL for a read-many claim
+    /// through a descriptor open for writing. Released when this
+    /// descriptor closes.
+    pub fn claim_as(&self, module: &'static str, kind: ClaimType) -> Result<()> {
+        let (id, bdev_id, write) = (self.id, self.bdev.id(), self.write);
         with(|r| {
             let other_writer = r
                 .descs
@@ -471,23 +517,46 @@ impl Descriptor {
             let e = r
                 .entry_mut(bdev_id)
                 .ok_or_else(|| BdevError::NoDevice(String::new()))?;
-            if let Some(c) = &e.claim {
-                return Err(BdevError::Claimed(format!(
-                    "bdev {} already claimed by {}",
-                    e.bdev.name(),
-                    c.module
+            let name = e.bdev.name().to_string();
+            if kind == ClaimType::ReadManyWriteNone && write {
+                return Err(BdevError::Invalid(format!(
+                    "bdev {name}: a read_many_write_none claim needs a read-only descriptor"
                 )));
             }
-            if other_writer {
-                return Err(BdevError::Claimed(format!(
-                    "bdev {} is open for writing",
-                    e.bdev.name()
-                )));
+            match &mut e.claim {
+                Some((t, holders)) => {
+                    if *t != kind || kind == ClaimType::ExclusiveWrite {
+                        return Err(BdevError::Claimed(format!(
+                            "bdev {name} already claimed ({}) by {}",
+                            t.as_str(),
+                            holders.first().map_or("?", |c| c.module)
+                        )));
+                    }
+                    if holders.iter().any(|c| c.desc_id == id) {
+                        return Err(BdevError::Claimed(format!(
+                            "bdev {name}: this descriptor already holds a claim"
+                        )));
+                    }
+                    holders.push(Claim {
+                        desc_id: id,
+                        module,
+                    });
+                }
+                None => {
+                    if other_writer {
+                        return Err(BdevError::Claimed(format!(
+                            "bdev {name} is open for writing"
+                        )));
+                    }
+                    e.claim = Some((
+                        kind,
+                        vec![Claim {
+                            desc_id: id,
+                            module,
+                        }],
+                    ));
+                }
             }
-            e.claim = Some(Claim {
-                desc_id: id,
-                module,
-            });
             Ok(())
         })
     }
@@ -510,8 +579,11 @@ fn close(desc_id: u64) {
             return Vec::new();
         };
         if let Some(e) = r.entry_mut(d.bdev_id) {
-            if e.claim.as_ref().is_some_and(|c| c.desc_id == desc_id) {
-                e.claim = None;
+            if let Some((_, holders)) = &mut e.claim {
+                holders.retain(|c| c.desc_id != desc_id);
+                if holders.is_empty() {
+                    e.claim = None;
+                }
             }
         }
         if r.open_count(d.bdev_id) == 0 {
@@ -561,11 +633,12 @@ pub fn open_handle(
             .find(|e| e.bdev.id() == bdev.id() && e.state != EntryState::Removing)
             .ok_or_else(|| BdevError::NoDevice(bdev.name().to_string()))?;
         if write {
-            if let Some(c) = &e.claim {
+            if let Some((t, holders)) = &e.claim {
                 return Err(BdevError::Claimed(format!(
-                    "bdev {} is claimed by {}",
+                    "bdev {} is claimed ({}) by {}",
                     e.bdev.name(),
-                    c.module
+                    t.as_str(),
+                    holders.first().map_or("?", |c| c.module)
                 )));
             }
         }

@@ -3,6 +3,7 @@ use std::time::{Duration, Instant};
 use super::*;
 use crate::module::malloc::{MallocBdev, MallocOptions};
 use crate::testutil::{malloc, run};
+use serde_json::json;
 
 fn malloc_ops(name: &str) -> (BdevProps, Box<dyn Bdev>) {
     let b = MallocBdev::new(MallocOptions {
@@ -122,6 +123,70 @@ fn unregister_tells_holders_and_waits_for_them_to_close() {
         assert_eq!(
             unregister("H", None).await.unwrap_err().errno(),
             libc::ENODEV
+        );
+    });
+}
+
+fn claim_json(name: &str) -> (serde_json::Value, serde_json::Value) {
+    let j = crate::bdev_rpc::bdev_json(&lookup(name).unwrap());
+    (j["claimed"].clone(), j["claim_type"].clone())
+}
+
+#[test]
+fn read_many_claims_share_a_bdev_and_keep_writers_out_until_the_last_closes() {
+    run(|| async {
+        malloc("RO", 8, 512).await;
+        let eperm = Some(libc::EPERM);
+        assert_eq!(claim_json("RO"), (json!(false), serde_json::Value::Null));
+        // Not through a writable descriptor, and not while one is open.
+        let w = open("RO", true, None).unwrap();
+        assert_eq!(
+            w.claim_as("a", ClaimType::ReadManyWriteNone)
+                .map_err(|e| e.errno()),
+            Err(libc::EINVAL)
+        );
+        let r1 = open("RO", false, None).unwrap();
+        assert_eq!(
+            r1.claim_as("a", ClaimType::ReadManyWriteNone)
+                .err()
+                .map(|e| e.errno()),
+            eperm,
+            "another descriptor writes"
+        );
+        assert_eq!(claim_json("RO").0, json!(false), "nothing changed");
+        drop(w);
+        // Two holders.
+        r1.claim_as("a", ClaimType::ReadManyWriteNone).unwrap();
+        let r2 = open("RO", false, None).unwrap();
+        r2.claim_as("b", ClaimType::ReadManyWriteNone).unwrap();
+        assert_eq!(
+            r2.claim_as("b", ClaimType::ReadManyWriteNone)
+                .err()
+                .map(|e| e.errno()),
+            eperm,
+            "one claim per descriptor"
+        );
+        assert_eq!(
+            claim_json("RO"),
+            (json!(true), json!("read_many_write_none"))
+        );
+        // Held: no writer, no exclusive claim; readers still open.
+        assert_eq!(open("RO", true, None).err().map(|e| e.errno()), eperm);
+        let r3 = open("RO", false, None).unwrap();
+        assert_eq!(r3.claim("c").err().map(|e| e.errno()), eperm);
+        drop(r1);
+        assert_eq!(open("RO", true, None).err().map(|e| e.errno()), eperm);
+        drop(r2);
+        assert_eq!(claim_json("RO").0, json!(false), "released by the last");
+        let w = open("RO", true, None).unwrap();
+        w.claim("c").unwrap();
+        assert_eq!(claim_json("RO"), (json!(true), json!("exclusive_write")));
+        // Exclusive: no read-many claim beside it.
+        assert_eq!(
+            r3.claim_as("d", ClaimType::ReadManyWriteNone)
+                .err()
+                .map(|e| e.errno()),
+            eperm
         );
     });
 }

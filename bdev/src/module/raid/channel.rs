@@ -34,7 +34,7 @@ use std::rc::{Rc, Weak};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use super::{Level, MemberState, RaidShared, WriteCounters, DURABLE_LOST};
+use super::{Level, MemberState, RaidShared, DURABLE_LOST};
 use crate::buf::{BufLender, SharedBuf};
 use crate::channel::{BdevChannel, IoChannel};
 use crate::io::{IoBox, IoBuf, IoCompletion, IoStatus, IoType};
@@ -54,8 +54,6 @@ struct Parent {
     ok_operational: u32,
     /// raid1 reads: members already tried.
     tried: u64,
-    /// raid1 writes: the admission epoch parity it is counted in.
-    admitted: Option<usize>,
     /// raid1 writes: the slots whose child succeeded.
     ok_mask: u64,
 }
@@ -69,12 +67,6 @@ pub(super) struct RaidChannel {
     parents: RefCell<Slab<Parent>>,
     /// Children being planned (kept to reuse its allocation).
     scratch: RefCell<Vec<(usize, IoBox)>>,
-    /// raid1 writes in flight here, by admission epoch (rebuild windows).
-    writes: Arc<WriteCounters>,
-    /// raid1 writes waiting for the rebuild window to move (parents).
-    held: RefCell<std::collections::VecDeque<u32>>,
-    /// Retries held writes; woken with a delay while any wait.
-    retry: RefCell<Option<reactor::PollerHandle>>,
     /// raid1 writes done on their members, waiting for the superblock to
     /// record a member they missed (parents).
     sb_wait: RefCell<std::collections::VecDeque<u32>>,
@@ -110,63 +102,17 @@ fn release_sb_waiters() {
 impl RaidChannel {
     pub(super) fn new(shared: Arc<RaidShared>) -> Rc<RaidChannel> {
         let n = shared.num_slots();
-        let writes = Arc::new(WriteCounters::default());
-        shared
-            .rebuild
-            .counters
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(writes.clone());
-        let ch = Rc::new_cyclic(|me: &Weak<RaidChannel>| RaidChannel {
+        Rc::new_cyclic(|me: &Weak<RaidChannel>| RaidChannel {
             shared,
             generation: Cell::new(0),
             members: RefCell::new(vec![None; n]),
             outstanding: RefCell::new(vec![0; n]),
             parents: RefCell::new(Slab::default()),
             scratch: RefCell::new(Vec::new()),
-            writes,
-            held: RefCell::new(std::collections::VecDeque::new()),
-            retry: RefCell::new(None),
             sb_wait: RefCell::new(std::collections::VecDeque::new()),
             sb_listed: Cell::new(false),
             me: me.clone(),
-        });
-        let w = Rc::downgrade(&ch);
-        let name = format!("raid_held_{}", ch.shared.name);
-        *ch.retry.borrow_mut() = Some(reactor::register_on_demand_poller(name, move || {
-            reactor::PollStatus::from_work(w.upgrade().is_some_and(|c| c.release_held()))
-        }));
-        ch
-    }
-
-    /// Resubmits held writes whose range the rebuild no longer locks.
-    fn release_held(self: &Rc<Self>) -> bool {
-        let n = self.held.borrow().len();
-        let mut moved = false;
-        for _ in 0..n {
-            let Some(p) = self.held.borrow_mut().pop_front() else {
-                break;
-            };
-            let (t, off, len) = {
-                let parents = self.parents.borrow();
-                match parents.get(p).and_then(|x| x.io.as_ref()) {
-                    Some(io) => (io.io_type, io.offset_blocks, io.num_blocks),
-                    None => continue,
-                }
-            };
-            if self.shared.rebuild.blocks(off, len) {
-                self.held.borrow_mut().push_back(p);
-            } else {
-                moved = true;
-                self.mirrored(p, t, off, len);
-            }
-        }
-        if !self.held.borrow().is_empty() {
-            if let Some(r) = self.retry.borrow().as_ref() {
-                r.wake_after(std::time::Duration::from_micros(100));
-            }
-        }
-        moved
+        })
     }
 
     /// Picks up member changes (rare): takes the members lock, off the
@@ -231,22 +177,8 @@ impl RaidChannel {
         i
     }
 
-    /// Stops counting `p` as a write in flight for the rebuild: its
-    /// children are done.
-    fn retire_write(&self, p: u32) {
-        let admitted = self
-            .parents
-            .borrow_mut()
-            .get_mut(p)
-            .and_then(|parent| parent.admitted.take());
-        if let Some(slot) = admitted {
-            self.writes.0[slot].fetch_sub(1, Ordering::SeqCst);
-        }
-    }
-
     /// Takes a finished parent out of the slab, its data back in place.
     fn unpark(&self, p: u32) -> Option<IoBox> {
-        self.retire_write(p);
         let mut reusable = true;
         let io = {
             let mut parents = self.parents.borrow_mut();
@@ -275,10 +207,10 @@ impl RaidChannel {
     /// `ok_mask`) until the superblock on disk no longer calls current a
     /// member it missed. Slow path.
     fn wait_for_sb(&self, p: u32) {
-        // Done on its members: a rebuild step need not wait for it (and
-        // must not: the superblock write that releases it may wait for the
-        // rebuild to be cancelled).
-        self.retire_write(p);
+        // Still in this channel, so a rebuild window's range lock waits for
+        // it; the superblock write that releases it may wait for the
+        // rebuild to be cancelled, which is why the rebuild's lock wait
+        // gives way to a cancel (`rebuild.rs`).
         self.sb_wait.borrow_mut().push_back(p);
         self.list_for_sb();
     }
@@ -431,23 +363,6 @@ impl RaidChannel {
     /// raid1 writes and other commands: every operational or rebuilding
     /// member.
     fn mirrored(self: &Rc<Self>, p: u32, io_type: IoType, off: u64, len: u64) {
-        if matches!(io_type, IoType::Write | IoType::WriteZeroes | IoType::Unmap) {
-            match self.shared.rebuild.admit_write(&self.writes, off, len) {
-                Some(slot) => {
-                    if let Some(parent) = self.parents.borrow_mut().get_mut(p) {
-                        parent.admitted = Some(slot);
-                    }
-                }
-                None => {
-                    // The rebuild is copying these blocks: wait for it.
-                    self.held.borrow_mut().push_back(p);
-                    if let Some(r) = self.retry.borrow().as_ref() {
-                        r.wake_after(std::time::Duration::from_micros(100));
-                    }
-                    return;
-                }
-            }
-        }
         let mut children = self.scratch.take();
         for slot in 0..self.shared.num_slots() {
             if self.channel(slot).is_none() {
@@ -533,18 +448,6 @@ impl RaidChannel {
         reactor::send(reactor::main_core(), move || {
             reactor::spawn_local(super::rebuild::member_failed(name, slot))
         });
-    }
-}
-
-impl Drop for RaidChannel {
-    fn drop(&mut self) {
-        let mut c = self
-            .shared
-            .rebuild
-            .counters
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        c.retain(|w| !Arc::ptr_eq(w, &self.writes));
     }
 }
 

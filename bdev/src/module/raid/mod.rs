@@ -95,57 +95,6 @@ pub struct RebuildProgress {
     pub slot: AtomicU64,
     pub done_blocks: AtomicU64,
     pub total_blocks: AtomicU64,
-    /// The range being copied now. While `locked`, foreground writes that
-    /// overlap it wait (SPDK quiesces the range the same way).
-    pub window_start: AtomicU64,
-    pub window_end: AtomicU64,
-    pub locked: AtomicBool,
-    /// Admission epoch of foreground writes. Each core's channel counts its
-    /// writes in flight per epoch parity (`WriteCounters`, written only by
-    /// that core); a step waits until every write admitted before its
-    /// window was locked has completed.
-    pub epoch: AtomicU64,
-    pub counters: Mutex<Vec<Arc<WriteCounters>>>,
-}
-
-/// One channel's raid1 writes in flight, per admission epoch parity.
-#[derive(Default)]
-pub struct WriteCounters(pub [AtomicU64; 2]);
-
-impl RebuildProgress {
-    fn overlaps(&self, off: u64, len: u64) -> bool {
-        let (s, e) = (
-            self.window_start.load(Ordering::SeqCst),
-            self.window_end.load(Ordering::SeqCst),
-        );
-        off < e && s < off + len
-    }
-
-    /// A foreground write of `[off, off+len)` asks to go ahead. Some(epoch
-    /// slot to release when it completes), or None: it must wait for the
-    /// window to move.
-    pub(crate) fn admit_write(&self, mine: &WriteCounters, off: u64, len: u64) -> Option<usize> {
-        let slot = (self.epoch.load(Ordering::SeqCst) % 2) as usize;
-        mine.0[slot].fetch_add(1, Ordering::SeqCst);
-        if self.locked.load(Ordering::SeqCst) && self.overlaps(off, len) {
-            mine.0[slot].fetch_sub(1, Ordering::SeqCst);
-            return None;
-        }
-        Some(slot)
-    }
-
-    /// Writes admitted in epoch parity `slot` still in flight, all cores.
-    pub(crate) fn in_flight(&self, slot: usize) -> u64 {
-        let c = self.counters.lock().unwrap_or_else(|e| e.into_inner());
-        c.iter().map(|w| w.0[slot].load(Ordering::SeqCst)).sum()
-    }
-
-    /// Whether a write of `[off, off+len)` would still have to wait.
-    pub(crate) fn blocks(&self, off: u64, len: u64) -> bool {
-        self.active.load(Ordering::SeqCst)
-            && self.locked.load(Ordering::SeqCst)
-            && self.overlaps(off, len)
-    }
 }
 
 /// What every core's channel and the control plane share.

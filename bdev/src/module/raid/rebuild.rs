@@ -2,14 +2,20 @@
 //!
 //! A rebuild is a task on the main reactor that copies the data region
 //! from an operational member to the target one [`STEP_BYTES`] at a time.
-//! Each step locks its range (the rebuild window): foreground writes that
-//! overlap it wait in their channel until the step is done, and the copy
-//! starts only once every write admitted before the lock has completed
-//! (epoch counters in [`super::RebuildProgress`]). So a write never races
-//! the copy of its blocks, and the rebuild always progresses. Writes
+//! Each step takes a writes range lock ([`RangeLock`]) of its range (the
+//! rebuild window) on the RAID bdev: foreground writes that overlap it wait
+//! in their channel until the step is done, and the copy starts only once
+//! every write admitted before the lock has completed. So a write never
+//! races the copy of its blocks, and the rebuild always progresses. Writes
 //! outside the window go ahead, to the target member too. Between steps the
 //! task yields to I/O and checks its [`CancelToken`]: deleting the RAID or
-//! removing the target member cancels it at a step boundary.
+//! removing the target member cancels it at a step boundary. Waiting for a
+//! window's lock also gives way to a cancel: a raid1 write held for a
+//! superblock keeps the lock waiting, and the superblock write that
+//! releases it may first cancel this rebuild (`member_failed`).
+//!
+//! Next step: the framework's job runner (`crate::job`) is the natural
+//! home for this loop (steps, budget, progress, rate limit, cancel).
 
 use std::cell::RefCell;
 use std::collections::BTreeMap;
@@ -19,6 +25,10 @@ use std::sync::Arc;
 use reactor::CancelToken;
 
 use super::{MemberState, RaidShared};
+use crate::range_lock::{LockKind, RangeLock};
+
+/// How often a window's lock wait looks at the cancel token.
+const CANCEL_POLL: std::time::Duration = std::time::Duration::from_micros(100);
 
 /// Bytes copied per step by default (SPDK's process window): bounded work
 /// between yields and cancel checks. `bdev_raid_set_options` changes it.
@@ -97,9 +107,13 @@ async fn copy_all(
     rb.slot.store(target as u64, Ordering::Release);
     rb.total_blocks.store(total, Ordering::Release);
     rb.done_blocks.store(0, Ordering::Release);
-    rb.window_start.store(0, Ordering::Release);
-    rb.window_end.store(0, Ordering::Release);
     rb.active.store(true, Ordering::Release);
+    // The windows are locked on the RAID bdev itself: its channels hold
+    // the foreground writes (raid1 block x is member data block x).
+    let raid = crate::registry::lookup(&shared.name)
+        .filter(|b| b.module() == super::MODULE)
+        .ok_or_else(|| crate::BdevError::NoDevice(shared.name.clone()))?;
+    let total = total.min(raid.num_blocks());
     log::info!(
         "raid {}: rebuilding slot {target}, {total} blocks",
         shared.name
@@ -113,16 +127,24 @@ async fn copy_all(
             return Err(crate::BdevError::Io);
         }
         let n = step.min(total - at);
-        // Lock the window, then wait out the writes admitted before.
-        rb.window_start.store(at, Ordering::SeqCst);
-        rb.window_end.store(at + n, Ordering::SeqCst);
-        rb.locked.store(true, Ordering::SeqCst);
-        let before = (rb.epoch.fetch_add(1, Ordering::SeqCst) % 2) as usize;
-        while rb.in_flight(before) > 0 {
-            reactor::sleep(std::time::Duration::from_micros(50)).await;
-        }
+        // Lock the window: resolves once the writes admitted before it
+        // are done; a cancel meanwhile withdraws it.
+        let lock = futures_lite::future::or(
+            async { Some(RangeLock::acquire(&raid, at, n, LockKind::Writes).await) },
+            async {
+                while !token.is_cancelled() {
+                    reactor::sleep(CANCEL_POLL).await;
+                }
+                None
+            },
+        )
+        .await;
+        let Some(lock) = lock else {
+            return Ok(false);
+        };
+        let lock = lock?;
         let copied = copy_step(shared, target, at, n).await;
-        rb.locked.store(false, Ordering::SeqCst);
+        lock.unlock().await;
         copied?;
         at += n;
         rb.done_blocks.store(at, Ordering::Release);
@@ -135,8 +157,6 @@ async fn copy_all(
             None => futures_lite::future::yield_now().await,
         }
     }
-    rb.window_start.store(0, Ordering::SeqCst);
-    rb.window_end.store(0, Ordering::SeqCst);
     Ok(true)
 }
 
