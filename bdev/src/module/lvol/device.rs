@@ -361,6 +361,9 @@ pub enum Landing {
     Torn { modulo: usize, residue: usize },
     /// Only the write in flight, torn to its first `sectors` sectors.
     OnlyInflightPrefix { sectors: usize },
+    /// All unflushed writes, and the write in flight except its first
+    /// `sectors` sectors (a later page of a batch without an earlier one).
+    InflightWithoutPrefix { sectors: usize },
 }
 
 /// The device after a crash just as write number `crash_at` (counting
@@ -427,6 +430,14 @@ pub fn crash_image(base: &Image, trace: &[Event], crash_at: usize, how: &Landing
         Landing::OnlyInflightPrefix { sectors } => {
             if let Some(w) = inflight {
                 land(&mut img, w, &|i| i < *sectors);
+            }
+        }
+        Landing::InflightWithoutPrefix { sectors } => {
+            for w in &unflushed {
+                land(&mut img, w, &|_| true);
+            }
+            if let Some(w) = inflight {
+                land(&mut img, w, &|i| i >= *sectors);
             }
         }
     }

@@ -267,41 +267,40 @@ impl State {
         self.model.total_data_clusters = total;
     }
 
-    /// A free cluster, next-fit from the hint; marked used.
+    /// A free cluster, next-fit from the hint (so consecutive allocations
+    /// get consecutive clusters: few runs); marked used.
     fn take_free(&mut self) -> Option<u64> {
         let total = self.model.total_data_clusters;
-        if self.free_count == 0 || total == 0 {
+        if self.free_count == 0 {
             return None;
         }
         let words = self.used.len() as u64;
-        let start = (self.hint / 64) % words;
+        let hint = if self.hint >= total { 0 } else { self.hint };
+        let first = hint / 64;
+        // Visit the hint's word from the hint on, every other word, then
+        // the hint's word below the hint.
         for k in 0..=words {
-            let w = (start + k) % words;
-            let word = self.used[w as usize];
-            if word == u64::MAX {
+            let w = (first + k) % words;
+            let mut free = !self.used[w as usize];
+            if k == 0 {
+                free &= !0u64 << (hint % 64);
+            } else if k == words {
+                free &= (1u64 << (hint % 64)).wrapping_sub(1);
+            }
+            if free == 0 {
                 continue;
             }
-            let mut bits = !word;
-            while bits != 0 {
-                let b = bits.trailing_zeros() as u64;
-                let p = w * 64 + b;
-                if p >= total {
-                    break;
-                }
-                if k > 0 || p >= self.hint || w != start {
-                    self.mark(p);
-                    self.hint = p + 1;
-                    return Some(p);
-                }
-                bits &= bits - 1;
+            let p = w * 64 + free.trailing_zeros() as u64;
+            if p >= total {
+                // Bits past the end of the last word are never in use.
+                continue;
             }
+            self.mark(p);
+            self.hint = p + 1;
+            return Some(p);
         }
-        // Only bits below the hint in the start word are left.
-        self.hint = 0;
-        let p = (0..total).find(|&p| !self.is_used(p))?;
-        self.mark(p);
-        self.hint = p + 1;
-        Some(p)
+        debug_assert!(false, "free_count {} but no free bit", self.free_count);
+        None
     }
 
     fn unreserve(&mut self, lvol: u64, index: u64) {
@@ -948,6 +947,13 @@ impl LvolStore {
 
     fn info_of(st: &State, l: &LvolRecord) -> LvolInfo {
         LvolInfo {
+            children: st.children(l.id),
+            ..Self::info_of_without_children(l)
+        }
+    }
+
+    fn info_of_without_children(l: &LvolRecord) -> LvolInfo {
+        LvolInfo {
             id: l.id,
             uuid: l.uuid,
             name: l.name.clone(),
@@ -958,7 +964,7 @@ impl LvolStore {
             parent: l.parent.clone(),
             creation_time: l.creation_time.clone(),
             num_allocated_clusters: l.allocated(),
-            children: st.children(l.id),
+            children: Vec::new(),
             xattr_names: l.xattrs.keys().cloned().collect(),
         }
     }

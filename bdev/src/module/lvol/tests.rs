@@ -376,6 +376,8 @@ fn landings(unflushed: usize) -> Vec<Landing> {
         Landing::OnlyInflightPrefix { sectors: 1 },
         Landing::OnlyInflightPrefix { sectors: 7 },
         Landing::OnlyInflightPrefix { sectors: 9 },
+        Landing::InflightWithoutPrefix { sectors: 8 },
+        Landing::InflightWithoutPrefix { sectors: 1 },
     ];
     for k in 0..unflushed {
         v.push(Landing::AllBut(k));
@@ -753,9 +755,26 @@ fn crash_at_every_write_of_every_operation_loads_before_or_after() {
             }),
         ),
     ];
+    // A transaction of several log pages (one write): later pages may land
+    // without the first.
+    let mut ops = ops;
+    ops.insert(
+        2,
+        (
+            "create with xattrs (multi-page)",
+            op(|s, _| {
+                Box::pin(async move {
+                    let mut o = CreateOptions::new("multi", 3, true);
+                    for i in 0..3 {
+                        o.xattrs.insert(format!("m{i}"), vec![7; 3000]);
+                    }
+                    s.create_lvol(o).await.unwrap();
+                })
+            }),
+        ),
+    );
     // Enough page-sized commits to fill half the log: the leader's
     // checkpoint next to a batch, and the superblock after it.
-    let mut ops = ops;
     for i in 0..40 {
         ops.push((
             "xattr page",
@@ -1108,4 +1127,86 @@ fn uring_dev_reuse(name: &str) -> Rc<dyn MdDevice> {
     let desc = crate::registry::open(name, true, None).unwrap();
     desc.claim("lvol").unwrap();
     Rc::new(BdevDevice::new(desc))
+}
+
+#[test]
+fn clusters_freed_by_a_commit_in_flight_are_not_handed_out_until_it_is_durable() {
+    block_on(async {
+        let (dev, s) = fresh().await;
+        let total = s.info().total_data_clusters;
+        let a = s
+            .create_lvol(CreateOptions::new("all", total, false))
+            .await
+            .unwrap()
+            .id;
+        let b = s
+            .create_lvol(CreateOptions::new("b", 4, true))
+            .await
+            .unwrap()
+            .id;
+        dev.set_yield_io(true);
+        let mut del = Box::pin(s.delete_lvol(a));
+        // One poll: the delete is applied and its commit is being written.
+        let waker = std::task::Waker::noop();
+        let mut cx = std::task::Context::from_waker(waker);
+        assert!(del.as_mut().poll(&mut cx).is_pending());
+        assert!(s.lvol(a).is_none());
+        // Its clusters are not free yet: a new owner could otherwise write
+        // into a cluster a crash now would give back to `all`.
+        assert_eq!(s.reserve_cluster(b, 0).unwrap_err().errno(), libc::ENOSPC);
+        assert_eq!(s.info().free_clusters, 0);
+        let out = del.await.unwrap();
+        assert_eq!(out.freed_clusters, total);
+        assert_eq!(s.info().free_clusters, total);
+        alloc(&s, b, &[0]).await;
+        clean(&s);
+    });
+}
+
+#[test]
+fn allocation_is_next_fit_wraps_around_and_stops_at_the_end() {
+    block_on(async {
+        let (_dev, s) = fresh().await;
+        let total = s.info().total_data_clusters;
+        // Fill all but three clusters, free a few in the middle, then take
+        // every free cluster one by one: each exactly once, then ENOSPC.
+        let big = s
+            .create_lvol(CreateOptions::new("big", total - 3, true))
+            .await
+            .unwrap()
+            .id;
+        let all: Vec<u64> = (0..total - 3).collect();
+        for chunk in all.chunks(500) {
+            alloc(&s, big, chunk).await;
+        }
+        s.release_clusters(big, 100, 5).await.unwrap();
+        assert_eq!(s.info().free_clusters, 8);
+        let t = s
+            .create_lvol(CreateOptions::new("t", 8, true))
+            .await
+            .unwrap()
+            .id;
+        let mut got = Vec::new();
+        for i in 0..8 {
+            let r = s.reserve_cluster(t, i).unwrap();
+            got.push(r.physical);
+            s.commit_clusters(vec![r]).await.unwrap();
+        }
+        got.sort_unstable();
+        got.dedup();
+        assert_eq!(got.len(), 8);
+        assert!(got.iter().all(|&p| p < total));
+        let u = s
+            .create_lvol(CreateOptions::new("u", 1, true))
+            .await
+            .unwrap()
+            .id;
+        assert_eq!(s.reserve_cluster(u, 0).unwrap_err().errno(), libc::ENOSPC);
+        clean(&s);
+        // Consecutive allocations are contiguous: one run each.
+        let runs = disk::runs_of(&s.model().lvols[&big].map);
+        assert!(runs.len() <= 3, "{} runs", runs.len());
+        let n = s.lvols();
+        assert_eq!(n.len(), 3);
+    });
 }
