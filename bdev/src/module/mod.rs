@@ -3,6 +3,7 @@
 
 pub mod delay;
 pub mod error;
+pub mod lvol;
 pub mod malloc;
 pub mod null;
 pub mod raid;
