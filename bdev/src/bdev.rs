@@ -7,7 +7,7 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::rc::Rc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use serde_json::Value;
@@ -128,6 +128,9 @@ pub(crate) struct BdevShared {
     pub(crate) ops: Box<dyn Bdev>,
     /// Set once unregister starts: new submits fail.
     pub(crate) removed: AtomicBool,
+    /// The size now: `props.num_blocks` at registration, changed by a
+    /// resize ([`BdevHandle::set_num_blocks`]).
+    pub(crate) num_blocks: AtomicU64,
     /// Statistics of channels that have been destroyed.
     pub(crate) retired_stats: Mutex<IoStat>,
     /// `io_type_supported` for every type, asked once at registration so
@@ -163,6 +166,7 @@ impl BdevHandle {
             splits,
             shapes_io: splits || align_mask != 0,
             id,
+            num_blocks: AtomicU64::new(props.num_blocks),
             props,
             ops,
             removed: AtomicBool::new(false),
@@ -188,11 +192,18 @@ impl BdevHandle {
     }
 
     pub fn num_blocks(&self) -> u64 {
-        self.0.props.num_blocks
+        self.0.num_blocks.load(Ordering::Relaxed)
+    }
+
+    /// Resizes the bdev (SPDK's `spdk_bdev_notify_blockcnt_change`): I/O
+    /// checked from now on is checked against the new size. The module
+    /// makes sure its own data path follows first.
+    pub fn set_num_blocks(&self, n: u64) {
+        self.0.num_blocks.store(n, Ordering::Relaxed);
     }
 
     pub fn size_bytes(&self) -> u64 {
-        self.0.props.num_blocks * self.0.props.block_size as u64
+        self.num_blocks() * self.0.props.block_size as u64
     }
 
     pub fn props(&self) -> &BdevProps {

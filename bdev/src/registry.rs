@@ -321,6 +321,34 @@ pub async fn wait_for_examine() {
     }
 }
 
+/// Replaces the aliases of `bdev` (an lvol or store rename). Aliases
+/// another bdev holds already are skipped; the UUID alias is kept.
+pub fn set_aliases(bdev: &BdevHandle, aliases: Vec<String>) {
+    let uuid = bdev.uuid().hyphenated().to_string();
+    with(|r| {
+        let taken: Vec<bool> = aliases
+            .iter()
+            .map(|a| {
+                r.entries
+                    .iter()
+                    .any(|e| e.bdev.id() != bdev.id() && e.matches(a))
+            })
+            .collect();
+        if let Some(e) = r.entry_mut(bdev.id()) {
+            let mut new: Vec<String> = aliases
+                .into_iter()
+                .zip(taken)
+                .filter(|(a, t)| !t && a != e.bdev.name())
+                .map(|(a, _)| a)
+                .collect();
+            if uuid != e.bdev.name() && !new.contains(&uuid) {
+                new.push(uuid);
+            }
+            e.aliases = new;
+        }
+    })
+}
+
 /// A visible bdev by name, alias or UUID.
 pub fn lookup(name: &str) -> Option<BdevHandle> {
     with(|r| r.find_visible(name).map(|e| e.bdev.clone()))

@@ -9,7 +9,8 @@
 //! when called from a thread that is not one: all of their callers are
 //! reactor code.
 
-pub mod cancel;
+mod async_lock;
+mod cancel;
 pub mod cores;
 pub mod event;
 pub mod poller;
@@ -21,6 +22,7 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Duration;
 
+pub use async_lock::{AsyncLock, AsyncLockGuard};
 pub use cancel::{CancelToken, Cancelled, WorkGuard};
 pub use cores::{CoreId, CoreSet, CoreSetError};
 pub use event::{completion, Abandoned, CompletionEvent, CompletionSender};

@@ -43,4 +43,5 @@ pub fn register_rpcs(table: &mut RpcTable) {
     error::rpc::register(table);
     uring::rpc::register(table);
     raid::rpc::register(table);
+    lvol::rpc::register(table);
 }

@@ -131,7 +131,10 @@ pub mod check;
 pub mod device;
 pub mod disk;
 pub mod journal;
+pub mod lvs;
+pub mod rpc;
 pub mod store;
+pub mod vbdev;
 
 #[cfg(test)]
 mod tests;

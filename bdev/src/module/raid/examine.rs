@@ -16,10 +16,9 @@
 //! (or given up: a raid0/concat missing a member stays configuring).
 
 use std::cell::{Cell, RefCell};
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::task::{Poll, Waker};
 
 use serde_json::{json, Value};
 use uuid::Uuid;
@@ -28,40 +27,6 @@ use super::superblock::{self, Level, RaidSuperblock, SlotState};
 use super::{Member, MemberState, RaidEntry, RaidShared, RebuildProgress, MODULE};
 use crate::bdev::BdevHandle;
 use crate::registry::{self, Descriptor, NameReservation};
-
-/// A mutual exclusion for async work on the main reactor.
-#[derive(Default)]
-pub struct AsyncLock {
-    locked: Cell<bool>,
-    waiters: RefCell<VecDeque<Waker>>,
-}
-
-pub struct AsyncLockGuard<'a>(&'a AsyncLock);
-
-impl AsyncLock {
-    pub async fn lock(&self) -> AsyncLockGuard<'_> {
-        std::future::poll_fn(|cx| {
-            if self.locked.get() {
-                self.waiters.borrow_mut().push_back(cx.waker().clone());
-                Poll::Pending
-            } else {
-                self.locked.set(true);
-                Poll::Ready(())
-            }
-        })
-        .await;
-        AsyncLockGuard(self)
-    }
-}
-
-impl Drop for AsyncLockGuard<'_> {
-    fn drop(&mut self) {
-        self.0.locked.set(false);
-        if let Some(w) = self.0.waiters.borrow_mut().pop_front() {
-            w.wake();
-        }
-    }
-}
 
 /// A RAID being put together from its members.
 struct Assembly {

@@ -400,7 +400,7 @@ pub struct RaidEntry {
 thread_local! {
     static RAIDS: RefCell<BTreeMap<String, RaidEntry>> = const { RefCell::new(BTreeMap::new()) };
     /// Serialises superblock writes per RAID.
-    static SB_LOCKS: RefCell<BTreeMap<String, Rc<crate::module::raid::examine::AsyncLock>>> =
+    static SB_LOCKS: RefCell<BTreeMap<String, Rc<reactor::AsyncLock>>> =
         const { RefCell::new(BTreeMap::new()) };
 }
 
@@ -703,7 +703,7 @@ pub(crate) async fn write_superblock(shared: &Arc<RaidShared>, both: bool) -> Re
     let lock = SB_LOCKS.with(|l| {
         l.borrow_mut()
             .entry(shared.name.clone())
-            .or_insert_with(|| Rc::new(examine::AsyncLock::default()))
+            .or_insert_with(|| Rc::new(reactor::AsyncLock::default()))
             .clone()
     });
     let _guard = lock.lock().await;

@@ -1,0 +1,446 @@
+//! Lvol stores and lvols through the real binary: SPDK's result shapes and
+//! error codes, copy-on-write seen from both sides, reload by examine.
+
+mod common;
+
+use common::{hex, unhex, Backing, Target};
+use serde_json::{json, Value};
+
+const BS: usize = 4096;
+/// 1 MiB clusters, as Longhorn creates its stores.
+const CLUSTER: usize = 1 << 20;
+const CLUSTER_BLOCKS: u64 = (CLUSTER / BS) as u64;
+
+fn store(t: &Target, backing: Backing) -> String {
+    backing.create(t, "B0", 64 * CLUSTER_BLOCKS, BS as u32);
+    let u = t.ok(
+        "bdev_lvol_create_lvstore",
+        json!({"bdev_name": "B0", "lvs_name": "lvs0", "cluster_sz": CLUSTER}),
+    );
+    u.as_str().unwrap().to_string()
+}
+
+fn lvs_info(t: &Target) -> Value {
+    t.ok("bdev_lvol_get_lvstores", json!({"lvs_name": "lvs0"}))[0].clone()
+}
+
+fn free(t: &Target) -> u64 {
+    lvs_info(t)["free_clusters"].as_u64().unwrap()
+}
+
+fn bdev(t: &Target, name: &str) -> Value {
+    t.ok("bdev_get_bdevs", json!({"name": name}))[0].clone()
+}
+
+/// Blocks per bdev_read / bdev_write call (their RPC limit is 256).
+const RPC_BLOCKS: usize = 64;
+
+fn write(t: &Target, name: &str, lba: u64, data: &[u8]) {
+    for (i, c) in data.chunks(RPC_BLOCKS * BS).enumerate() {
+        t.ok(
+            "bdev_write",
+            json!({"name": name, "offset_blocks": lba + (i * RPC_BLOCKS) as u64, "data": hex(c)}),
+        );
+    }
+}
+
+fn read(t: &Target, name: &str, lba: u64, blocks: usize) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut at = 0;
+    while at < blocks {
+        let n = RPC_BLOCKS.min(blocks - at);
+        let r = t.ok(
+            "bdev_read",
+            json!({"name": name, "offset_blocks": lba + at as u64, "num_blocks": n}),
+        );
+        out.extend(unhex(r["data"].as_str().unwrap()));
+        at += n;
+    }
+    out
+}
+
+fn fill(len: usize, seed: u8) -> Vec<u8> {
+    common::pattern(len, seed)
+}
+
+fn error(t: &Target, method: &str, params: Value) -> (i64, String) {
+    let e = t.call(method, params).unwrap_err();
+    (
+        e["code"].as_i64().unwrap(),
+        e["message"].as_str().unwrap_or("").to_string(),
+    )
+}
+
+#[test]
+fn store_and_lvol_shapes_are_spdks() {
+    let t = Target::start();
+    let uuid = store(&t, Backing::Malloc);
+    let s = lvs_info(&t);
+    assert_eq!(s["uuid"], uuid.as_str());
+    assert_eq!(s["name"], "lvs0");
+    assert_eq!(s["base_bdev"], "B0");
+    assert_eq!(s["block_size"], BS);
+    assert_eq!(s["cluster_size"], CLUSTER);
+    let total = s["total_data_clusters"].as_u64().unwrap();
+    assert!(total > 50 && total < 64, "{s}");
+    assert_eq!(s["free_clusters"].as_u64().unwrap(), total);
+    assert_eq!(bdev(&t, "B0")["claimed"], true);
+
+    let lv = t.ok(
+        "bdev_lvol_create",
+        json!({"lvs_name": "lvs0", "lvol_name": "vol1", "size_in_mib": 8, "thin_provision": true, "clear_method": "unmap"}),
+    );
+    let lv = lv.as_str().unwrap().to_string();
+    let b = bdev(&t, "lvs0/vol1");
+    assert_eq!(b["name"], lv.as_str());
+    assert_eq!(b["uuid"], lv.as_str());
+    assert_eq!(b["aliases"], json!(["lvs0/vol1"]));
+    assert_eq!(b["product_name"], "Logical Volume");
+    assert_eq!(b["block_size"], BS);
+    assert_eq!(b["num_blocks"], 8 * CLUSTER_BLOCKS);
+    let d = &b["driver_specific"]["lvol"];
+    assert_eq!(d["lvol_store_uuid"], uuid.as_str());
+    assert_eq!(d["base_bdev"], "B0");
+    assert_eq!(d["thin_provision"], true);
+    assert_eq!(d["num_allocated_clusters"], 0);
+    assert_eq!(d["snapshot"], false);
+    assert_eq!(d["clone"], false);
+    assert_eq!(d["esnap_clone"], false);
+    // Found by UUID as well.
+    assert_eq!(bdev(&t, &lv)["name"], lv.as_str());
+
+    let l = t.ok("bdev_lvol_get_lvols", json!({"lvs_name": "lvs0"}));
+    assert_eq!(l.as_array().unwrap().len(), 1);
+    assert_eq!(l[0]["alias"], "lvs0/vol1");
+    assert_eq!(l[0]["uuid"], lv.as_str());
+    assert_eq!(l[0]["name"], "vol1");
+    assert_eq!(l[0]["is_thin_provisioned"], true);
+    assert_eq!(l[0]["lvs"]["name"], "lvs0");
+    let ct = l[0]["creation_time"].as_str().unwrap();
+    assert!(ct.len() == 20 && ct.ends_with('Z'), "{ct}");
+    // Thick: every cluster taken at once.
+    t.ok(
+        "bdev_lvol_create",
+        json!({"uuid": uuid, "lvol_name": "thick", "size_in_mib": 4}),
+    );
+    assert_eq!(free(&t), total - 4);
+    assert_eq!(
+        bdev(&t, "lvs0/thick")["driver_specific"]["lvol"]["num_allocated_clusters"],
+        4
+    );
+}
+
+#[test]
+fn copy_on_write_seen_from_both_sides() {
+    for backing in [Backing::Malloc, Backing::UringFile] {
+        let t = Target::start();
+        store(&t, backing);
+        let total = free(&t);
+        t.ok(
+            "bdev_lvol_create",
+            json!({"lvs_name": "lvs0", "lvol_name": "origin", "size_in_mib": 4, "thin_provision": true}),
+        );
+        // Never written: zeros, nothing allocated.
+        assert_eq!(read(&t, "lvs0/origin", 0, 4), vec![0u8; 4 * BS]);
+        assert_eq!(free(&t), total);
+        // Two clusters of pattern, written in pieces (first writes are
+        // partial: the rest of each cluster must read zeros).
+        let a = fill(2 * CLUSTER, 1);
+        for (i, chunk) in a.chunks(64 * 1024).enumerate() {
+            write(&t, "lvs0/origin", (i * 16) as u64, chunk);
+        }
+        assert_eq!(free(&t), total - 2, "{backing:?}");
+        assert_eq!(read(&t, "lvs0/origin", 0, 2 * CLUSTER / BS), a);
+        assert_eq!(
+            read(&t, "lvs0/origin", 2 * CLUSTER_BLOCKS, 1),
+            vec![0u8; BS]
+        );
+
+        let snap = t.ok(
+            "bdev_lvol_snapshot",
+            json!({"lvol_name": "lvs0/origin", "snapshot_name": "snap1",
+                   "xattrs": {"user_created": "true", "snapshot_timestamp": ""}}),
+        );
+        let snap = snap.as_str().unwrap().to_string();
+        assert_eq!(free(&t), total - 2, "a snapshot copies nothing");
+        let clone = t.ok(
+            "bdev_lvol_clone",
+            json!({"snapshot_name": "lvs0/snap1", "clone_name": "clone1"}),
+        );
+        let clone = clone.as_str().unwrap().to_string();
+        // Overwrite the first 8 KiB of the origin: one cluster copied.
+        let b = fill(2 * BS, 9);
+        write(&t, "lvs0/origin", 0, &b);
+        assert_eq!(free(&t), total - 3, "{backing:?}");
+        let mut want = a.clone();
+        want[..2 * BS].copy_from_slice(&b);
+        assert_eq!(
+            read(&t, "lvs0/origin", 0, 2 * CLUSTER / BS),
+            want,
+            "{backing:?}"
+        );
+        assert_eq!(
+            read(&t, "lvs0/clone1", 0, 2 * CLUSTER / BS),
+            a,
+            "{backing:?}"
+        );
+        assert_eq!(
+            read(&t, "lvs0/snap1", 0, 2 * CLUSTER / BS),
+            a,
+            "{backing:?}"
+        );
+
+        let s = &bdev(&t, &snap)["driver_specific"]["lvol"];
+        assert_eq!(s["snapshot"], true);
+        assert_eq!(s["num_allocated_clusters"], 2);
+        let mut clones: Vec<String> = s["clones"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_str().unwrap().to_string())
+            .collect();
+        clones.sort();
+        assert_eq!(clones, ["clone1", "origin"]);
+        let o = &bdev(&t, "lvs0/origin")["driver_specific"]["lvol"];
+        assert_eq!(o["clone"], true);
+        assert_eq!(o["base_snapshot"], "snap1");
+        assert_eq!(o["num_allocated_clusters"], 1);
+        let c = &bdev(&t, &clone)["driver_specific"]["lvol"];
+        assert_eq!(c["clone"], true);
+        assert_eq!(c["num_allocated_clusters"], 0);
+        assert_eq!(
+            t.ok(
+                "bdev_lvol_get_xattr",
+                json!({"name": snap, "xattr_name": "user_created"})
+            ),
+            "true"
+        );
+        assert_eq!(
+            t.ok(
+                "bdev_lvol_get_xattr",
+                json!({"name": snap, "xattr_name": "snapshot_timestamp"})
+            ),
+            ""
+        );
+        // Two clones: the snapshot cannot go. One: it merges into it.
+        assert_eq!(
+            error(&t, "bdev_lvol_delete", json!({"name": snap})),
+            (-32603, "Operation not permitted".into())
+        );
+        t.ok("bdev_lvol_delete", json!({"name": clone}));
+        assert_eq!(free(&t), total - 3);
+        t.ok("bdev_lvol_delete", json!({"name": snap}));
+        assert_eq!(
+            free(&t),
+            total - 2,
+            "the snapshot's overwritten cluster is freed"
+        );
+        assert_eq!(
+            read(&t, "lvs0/origin", 0, 2 * CLUSTER / BS),
+            want,
+            "{backing:?}"
+        );
+        let o = &bdev(&t, "lvs0/origin")["driver_specific"]["lvol"];
+        assert_eq!(o["clone"], false);
+        assert_eq!(o["num_allocated_clusters"], 2);
+        assert_eq!(error(&t, "bdev_get_bdevs", json!({"name": snap})).0, -19);
+    }
+}
+
+#[test]
+fn a_store_on_a_file_reloads_by_examine_after_a_restart() {
+    let dir = common::scratch_dir();
+    let file = dir.join("lvs.img");
+    std::fs::File::create(&file)
+        .unwrap()
+        .set_len(64 * CLUSTER as u64)
+        .unwrap();
+    let conf = dir.join("conf.json");
+    let data = fill(CLUSTER + 3 * BS, 5);
+    let (uuid, lv) = {
+        let t = Target::start();
+        t.ok(
+            "bdev_uring_create",
+            json!({"name": "F0", "filename": file.to_str().unwrap(), "block_size": BS}),
+        );
+        let uuid = t.ok(
+            "bdev_lvol_create_lvstore",
+            json!({"bdev_name": "F0", "lvs_name": "lvs0", "cluster_sz": CLUSTER}),
+        );
+        let lv = t.ok(
+            "bdev_lvol_create",
+            json!({"lvs_name": "lvs0", "lvol_name": "vol", "size_in_mib": 8, "thin_provision": true}),
+        );
+        write(&t, "lvs0/vol", 5, &data);
+        t.ok(
+            "bdev_lvol_snapshot",
+            json!({"lvol_name": "lvs0/vol", "snapshot_name": "s"}),
+        );
+        let cfg = t.ok("save_config", Value::Null);
+        let text = serde_json::to_string(&cfg).unwrap();
+        assert!(
+            !text.contains("bdev_lvol"),
+            "stores are examined, not saved"
+        );
+        std::fs::write(&conf, text).unwrap();
+        (uuid, lv)
+    };
+    let t = Target::start_with(&["-c", conf.to_str().unwrap()]);
+    t.ok("bdev_wait_for_examine", Value::Null);
+    let s = lvs_info(&t);
+    assert_eq!(s["uuid"], uuid);
+    assert_eq!(
+        s["free_clusters"].as_u64().unwrap(),
+        s["total_data_clusters"].as_u64().unwrap() - 2
+    );
+    assert_eq!(read(&t, "lvs0/vol", 5, data.len() / BS), data);
+    assert_eq!(read(&t, "lvs0/s", 5, data.len() / BS), data);
+    assert_eq!(bdev(&t, "lvs0/vol")["name"], lv);
+    assert_eq!(
+        bdev(&t, "lvs0/vol")["driver_specific"]["lvol"]["base_snapshot"],
+        "s"
+    );
+}
+
+#[test]
+fn bad_input_gets_spdks_codes_and_changes_nothing() {
+    let t = Target::start();
+    let uuid = store(&t, Backing::Malloc);
+    let total = free(&t);
+    t.ok(
+        "bdev_lvol_create",
+        json!({"lvs_name": "lvs0", "lvol_name": "v", "size_in_mib": 2, "thin_provision": true}),
+    );
+    // Duplicate name: raw -17.
+    assert_eq!(
+        error(
+            &t,
+            "bdev_lvol_create",
+            json!({"lvs_name": "lvs0", "lvol_name": "v", "size_in_mib": 2})
+        )
+        .0,
+        -17
+    );
+    // Thick larger than the free space.
+    assert_eq!(
+        error(
+            &t,
+            "bdev_lvol_create",
+            json!({"lvs_name": "lvs0", "lvol_name": "big", "size_in_mib": 1000})
+        ),
+        (-32602, "No space left on device".into())
+    );
+    assert_eq!(free(&t), total);
+    // Unknown store, neither or both selectors.
+    assert_eq!(
+        error(
+            &t,
+            "bdev_lvol_create",
+            json!({"lvs_name": "nope", "lvol_name": "x", "size_in_mib": 2})
+        )
+        .0,
+        -19
+    );
+    assert_eq!(
+        error(
+            &t,
+            "bdev_lvol_create",
+            json!({"lvs_name": "lvs0", "uuid": uuid, "lvol_name": "x", "size_in_mib": 2})
+        )
+        .0,
+        -22
+    );
+    assert_eq!(error(&t, "bdev_lvol_get_lvstores", json!({})).0, -22);
+    assert_eq!(
+        error(
+            &t,
+            "bdev_lvol_get_lvstores",
+            json!({"uuid": "00000000-0000-0000-0000-000000000000"})
+        )
+        .0,
+        -19
+    );
+    // A store on a claimed bdev, and a second store name.
+    assert_eq!(
+        error(
+            &t,
+            "bdev_lvol_create_lvstore",
+            json!({"bdev_name": "B0", "lvs_name": "other"})
+        )
+        .0,
+        -1
+    );
+    t.ok(
+        "bdev_malloc_create",
+        json!({"name": "B1", "num_blocks": 16 * CLUSTER_BLOCKS, "block_size": BS}),
+    );
+    assert_eq!(
+        error(
+            &t,
+            "bdev_lvol_create_lvstore",
+            json!({"bdev_name": "B1", "lvs_name": "lvs0"})
+        )
+        .0,
+        -17
+    );
+    assert_eq!(bdev(&t, "B1")["claimed"], false, "the failed create let go");
+    // Xattrs.
+    assert_eq!(
+        error(
+            &t,
+            "bdev_lvol_get_xattr",
+            json!({"name": "lvs0/v", "xattr_name": "missing"})
+        ),
+        (-32603, "No such file or directory".into())
+    );
+    t.ok(
+        "bdev_lvol_set_xattr",
+        json!({"name": "lvs0/v", "xattr_name": "k", "xattr_value": "val"}),
+    );
+    assert_eq!(
+        t.ok(
+            "bdev_lvol_get_xattr",
+            json!({"name": "lvs0/v", "xattr_name": "k"})
+        ),
+        "val"
+    );
+    t.ok(
+        "bdev_lvol_snapshot",
+        json!({"lvol_name": "lvs0/v", "snapshot_name": "snap"}),
+    );
+    assert_eq!(
+        error(
+            &t,
+            "bdev_lvol_set_xattr",
+            json!({"name": "lvs0/snap", "xattr_name": "k", "xattr_value": "v"})
+        ),
+        (-32602, "Operation not permitted".into())
+    );
+    // Unknown lvols.
+    for m in [
+        "bdev_lvol_delete",
+        "bdev_lvol_set_read_only",
+        "bdev_lvol_detach_parent",
+    ] {
+        assert_eq!(error(&t, m, json!({"name": "lvs0/none"})).0, -19, "{m}");
+    }
+    // Writes to a snapshot fail; its data stays.
+    assert!(t
+        .call(
+            "bdev_write",
+            json!({"name": "lvs0/snap", "offset_blocks": 0, "data": hex(&[1u8; BS])})
+        )
+        .is_err());
+    // Names up to 255 bytes.
+    let long = "n".repeat(255);
+    t.ok(
+        "bdev_lvol_create",
+        json!({"lvs_name": "lvs0", "lvol_name": long, "size_in_mib": 1, "thin_provision": true}),
+    );
+    assert!(t
+        .call(
+            "bdev_lvol_create",
+            json!({"lvs_name": "lvs0", "lvol_name": "n".repeat(256), "size_in_mib": 1, "thin_provision": true})
+        )
+        .is_err());
+}
