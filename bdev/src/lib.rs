@@ -15,6 +15,7 @@ pub mod buf;
 pub mod channel;
 pub mod config;
 pub mod io;
+pub mod job;
 pub mod range_lock;
 pub mod registry;
 pub mod slab;
