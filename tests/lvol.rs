@@ -444,3 +444,66 @@ fn bad_input_gets_spdks_codes_and_changes_nothing() {
         )
         .is_err());
 }
+
+#[test]
+fn inflate_decouple_and_detach_parent_move_data_and_links() {
+    let t = Target::start();
+    store(&t, Backing::UringFile);
+    t.ok(
+        "bdev_lvol_create",
+        json!({"lvs_name": "lvs0", "lvol_name": "vol", "size_in_mib": 4, "thin_provision": true}),
+    );
+    let a = fill(BS, 1);
+    let b = fill(BS, 2);
+    write(&t, "lvs0/vol", 0, &a);
+    t.ok(
+        "bdev_lvol_snapshot",
+        json!({"lvol_name": "lvs0/vol", "snapshot_name": "s1"}),
+    );
+    write(&t, "lvs0/vol", CLUSTER_BLOCKS, &b);
+    t.ok(
+        "bdev_lvol_snapshot",
+        json!({"lvol_name": "lvs0/vol", "snapshot_name": "s2"}),
+    );
+    t.ok(
+        "bdev_lvol_clone",
+        json!({"snapshot_name": "lvs0/s2", "clone_name": "c"}),
+    );
+    let before = free(&t);
+
+    // Decouple: the clusters of the parent (s2 holds cluster 1) are
+    // copied, the parent becomes the grandparent.
+    t.ok("bdev_lvol_decouple_parent", json!({"name": "lvs0/c"}));
+    assert_eq!(free(&t), before - 1);
+    let d = &bdev(&t, "lvs0/c")["driver_specific"]["lvol"];
+    assert_eq!(d["base_snapshot"], "s1");
+    assert_eq!(d["num_allocated_clusters"], 1);
+    assert_eq!(d["thin_provision"], true);
+    assert_eq!(read(&t, "lvs0/c", 0, 1), a);
+    assert_eq!(read(&t, "lvs0/c", CLUSTER_BLOCKS, 1), b);
+
+    // Inflate: every cluster, no parent, thick.
+    t.ok("bdev_lvol_inflate", json!({"name": "lvs0/vol"}));
+    assert_eq!(free(&t), before - 1 - 4);
+    let d = &bdev(&t, "lvs0/vol")["driver_specific"]["lvol"];
+    assert_eq!(d["clone"], false);
+    assert_eq!(d["thin_provision"], false);
+    assert_eq!(d["num_allocated_clusters"], 4);
+    assert_eq!(read(&t, "lvs0/vol", 0, 1), a);
+    assert_eq!(read(&t, "lvs0/vol", CLUSTER_BLOCKS, 1), b);
+    assert_eq!(read(&t, "lvs0/vol", 2 * CLUSTER_BLOCKS, 1), vec![0u8; BS]);
+
+    // Detach (Longhorn): no copy; s1 has no parent, so c's parent goes and
+    // what only s1 held reads as zeros.
+    t.ok("bdev_lvol_detach_parent", json!({"name": "lvs0/c"}));
+    assert_eq!(free(&t), before - 1 - 4);
+    let d = &bdev(&t, "lvs0/c")["driver_specific"]["lvol"];
+    assert_eq!(d["clone"], false);
+    assert_eq!(read(&t, "lvs0/c", 0, 1), vec![0u8; BS]);
+    assert_eq!(read(&t, "lvs0/c", CLUSTER_BLOCKS, 1), b);
+    // Decouple without a parent: EINVAL after the lookup.
+    assert_eq!(
+        error(&t, "bdev_lvol_decouple_parent", json!({"name": "lvs0/c"})),
+        (-32602, "Invalid argument".into())
+    );
+}

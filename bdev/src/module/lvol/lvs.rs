@@ -33,7 +33,8 @@ use super::store::{CreateOptions, FormatOptions, LvolInfo, LvolStore, StoreInfo}
 use super::vbdev::{self, Chain, LvolBdev, LvolKey};
 use super::LvolError;
 use crate::bdev::{BdevHandle, BdevProps, IoRequirements};
-use crate::io::IoType;
+use crate::io::{IoBox, IoBuf, IoType};
+use crate::job::{Job, JobEnd, JobOptions, Step, StepCx};
 use crate::range_lock::RangeLock;
 use crate::registry::{self, Descriptor};
 
@@ -396,18 +397,31 @@ pub fn lookup_lvol(name: &str) -> Option<(Rc<Lvs>, u64, BdevHandle)> {
 /// table has it. Concurrent requests for the same cluster share one
 /// allocation. Done already: Ok at once.
 pub async fn allocate(key: LvolKey, cluster: u64) -> Result<(), LvolError> {
-    let lvs = store_by_uuid(&key.0)
-        .ok_or_else(|| LvolError::NotFound(format!("lvol store {}", key.0)))?;
+    allocate_with(key, cluster, None).await.0
+}
+
+/// [`allocate`] copying through `buf` (a cluster-sized buffer a caller
+/// reuses, such as a job's); given back, or one allocated for this copy.
+pub async fn allocate_with(
+    key: LvolKey,
+    cluster: u64,
+    buf: Option<IoBuf>,
+) -> (Result<(), LvolError>, Option<IoBuf>) {
+    let Some(lvs) = store_by_uuid(&key.0) else {
+        return (
+            Err(LvolError::NotFound(format!("lvol store {}", key.0))),
+            buf,
+        );
+    };
     let (id, index) = (key.1, cluster);
-    let table = lvs
-        .store
-        .cluster_table(id)
-        .ok_or_else(|| LvolError::NotFound(format!("lvol {id}")))?;
+    let Some(table) = lvs.store.cluster_table(id) else {
+        return (Err(LvolError::NotFound(format!("lvol {id}"))), buf);
+    };
     if table
         .get(index as usize)
         .is_some_and(|e| e.load(std::sync::atomic::Ordering::Acquire) != 0)
     {
-        return Ok(());
+        return (Ok(()), buf);
     }
     let waiter = {
         let mut p = lvs.pending.borrow_mut();
@@ -424,11 +438,12 @@ pub async fn allocate(key: LvolKey, cluster: u64) -> Result<(), LvolError> {
         }
     };
     if let Some(rx) = waiter {
-        return rx
+        let r = rx
             .await
             .unwrap_or_else(|_| Err(LvolError::Io("allocation abandoned".into())));
+        return (r, buf);
     }
-    let r = allocate_now(&lvs, id, index).await;
+    let (r, buf) = allocate_now(&lvs, id, index, buf).await;
     let waiters = lvs
         .pending
         .borrow_mut()
@@ -437,26 +452,210 @@ pub async fn allocate(key: LvolKey, cluster: u64) -> Result<(), LvolError> {
     for w in waiters {
         w.complete(r.clone());
     }
-    r
+    (r, buf)
 }
 
-async fn allocate_now(lvs: &Rc<Lvs>, id: u64, index: u64) -> Result<(), LvolError> {
-    let chain = chain_of(lvs, id)?;
-    let source = chain.locate(index);
-    let res = lvs.store.reserve_cluster(id, index)?;
-    let ch = lvs.base.get_channel();
+async fn allocate_now(
+    lvs: &Rc<Lvs>,
+    id: u64,
+    index: u64,
+    buf: Option<IoBuf>,
+) -> (Result<(), LvolError>, Option<IoBuf>) {
+    let chain = match chain_of(lvs, id) {
+        Ok(c) => c,
+        Err(e) => return (Err(e), buf),
+    };
+    let res = match lvs.store.reserve_cluster(id, index) {
+        Ok(r) => r,
+        Err(e) => return (Err(e), buf),
+    };
     let cb = chain.cluster_blocks;
-    match source {
-        // Copy-on-write. One cluster-sized buffer per first write to a
-        // cluster of a clone: the copy is the cost, not the allocation.
+    let (r, buf) = match chain.locate(index) {
+        // Copy-on-write from the ancestor that holds the cluster.
         Some((phys, _)) => {
+            let bytes = (cb * lvs.base.block_size() as u64) as usize;
+            let buf = buf
+                .filter(|b| b.capacity() >= bytes)
+                .unwrap_or_else(|| IoBuf::new(bytes));
             let from = chain.data_start_blocks + phys * cb;
-            let data = ch.read(from, cb).await?;
-            ch.write(res.offset_blocks(), &data).await?;
+            let (r, buf) = copy_blocks(&lvs.base, from, res.offset_blocks(), cb, buf).await;
+            (r, Some(buf))
         }
-        None => clear_blocks(&lvs.base, IoType::WriteZeroes, res.offset_blocks(), cb).await?,
+        None => (
+            clear_blocks(&lvs.base, IoType::WriteZeroes, res.offset_blocks(), cb).await,
+            buf,
+        ),
+    };
+    if let Err(e) = r {
+        return (Err(e), buf);
     }
-    lvs.store.commit_clusters(vec![res]).await
+    (lvs.store.commit_clusters(vec![res]).await, buf)
+}
+
+/// Copies `n` blocks of `base` from `from` to `to` through `buf`.
+async fn copy_blocks(
+    base: &BdevHandle,
+    from: u64,
+    to: u64,
+    n: u64,
+    buf: IoBuf,
+) -> (Result<(), LvolError>, IoBuf) {
+    let ch = base.get_channel();
+    let mut io = ch
+        .submit_wait(IoBox::with(IoType::Read, from, n, buf))
+        .await;
+    if !io.status().is_success() {
+        return (
+            Err(LvolError::Io("copy-on-write read failed".into())),
+            io.take_buf(),
+        );
+    }
+    let buf = io.take_buf();
+    let mut io = ch.submit_wait(IoBox::with(IoType::Write, to, n, buf)).await;
+    let ok = io.status().is_success();
+    let buf = io.take_buf();
+    if ok {
+        (Ok(()), buf)
+    } else {
+        (Err(LvolError::Io("copy-on-write write failed".into())), buf)
+    }
+}
+
+/// What `bdev_lvol_inflate` (every cluster) or `bdev_lvol_decouple_parent`
+/// (the clusters the parent holds) must allocate in lvol `id`.
+fn needs_copy(lvs: &Lvs, id: u64, index: u64, decouple: bool) -> bool {
+    use std::sync::atomic::Ordering::Acquire;
+    let held = |t: &ClusterTableRef| t.get(index as usize).is_some_and(|e| e.load(Acquire) != 0);
+    let Some(own) = lvs.store.cluster_table(id) else {
+        return false;
+    };
+    if held(&own) {
+        return false;
+    }
+    if !decouple {
+        return true;
+    }
+    match lvs.store.lvol(id).map(|l| l.parent) {
+        Some(Parent::Lvol(p)) => lvs.store.cluster_table(p).is_some_and(|t| held(&t)),
+        _ => false,
+    }
+}
+
+type ClusterTableRef = super::store::ClusterTable;
+
+/// Inflate or decouple, one cluster per step, on the metadata core.
+struct CopyUpJob {
+    lvs: Rc<Lvs>,
+    id: u64,
+    next: u64,
+    total: u64,
+    decouple: bool,
+}
+
+impl Job for CopyUpJob {
+    type Output = ();
+
+    fn total_units(&self) -> u64 {
+        self.total
+    }
+
+    async fn step(&mut self, cx: &mut StepCx) -> crate::Result<Step<()>> {
+        if self.next >= self.total {
+            return Ok(Step::Done(()));
+        }
+        let i = self.next;
+        self.next += 1;
+        if !needs_copy(&self.lvs, self.id, i, self.decouple) {
+            return Ok(Step::Progress { units: 1, bytes: 0 });
+        }
+        let (r, buf) = allocate_with((self.lvs.uuid, self.id), i, cx.take_buf()).await;
+        if let Some(b) = buf {
+            cx.put_buf(b);
+        }
+        r.map_err(bdev_error)?;
+        Ok(Step::Progress {
+            units: 1,
+            bytes: self.lvs.store.info().cluster_size as u64,
+        })
+    }
+}
+
+fn bdev_error(e: LvolError) -> crate::BdevError {
+    use crate::BdevError as B;
+    match e {
+        LvolError::Exists(s) => B::Exists(s),
+        LvolError::NotFound(s) => B::NoDevice(s),
+        LvolError::NoEntry(s) => B::NotFound(s),
+        LvolError::Busy(s) => B::Busy(s),
+        LvolError::Perm(s) => B::Claimed(s),
+        LvolError::Invalid(s) => B::Invalid(s),
+        LvolError::NoSpace(_) => B::NoSpace,
+        _ => B::Io,
+    }
+}
+
+fn lvol_error(e: crate::BdevError) -> LvolError {
+    use crate::BdevError as B;
+    match e {
+        B::NoSpace => LvolError::NoSpace(String::new()),
+        B::Cancelled => LvolError::Io("cancelled".into()),
+        e => LvolError::from(e),
+    }
+}
+
+/// `bdev_lvol_inflate` (`decouple` false) and `bdev_lvol_decouple_parent`:
+/// copies up what the lvol lacks on the job runner, then drops (inflate)
+/// or moves up (decouple) its parent, quiesced.
+pub async fn copy_up(lvs: &Rc<Lvs>, id: u64, decouple: bool) -> Result<(), LvolError> {
+    let l = lvs
+        .store
+        .lvol(id)
+        .ok_or_else(|| LvolError::NotFound(format!("lvol {id}")))?;
+    if decouple && !matches!(l.parent, Parent::Lvol(_)) {
+        return Err(LvolError::Invalid(format!("lvol {} has no parent", l.name)));
+    }
+    if !l.thin {
+        return Ok(());
+    }
+    let needed = (0..l.num_clusters)
+        .filter(|&i| needs_copy(lvs, id, i, decouple))
+        .count() as u64;
+    if needed > lvs.store.info().free_clusters {
+        return Err(LvolError::NoSpace(format!(
+            "lvol {} needs {needed} clusters",
+            l.name
+        )));
+    }
+    let cluster_bytes = lvs.store.info().cluster_size as usize;
+    let opts = JobOptions {
+        buffers: (1, cluster_bytes),
+        ..JobOptions::default()
+    };
+    let (uuid, total) = (lvs.uuid, l.num_clusters);
+    let job = crate::job::spawn(reactor::main_core(), opts, move || {
+        let lvs = store_by_uuid(&uuid)
+            .ok_or_else(|| crate::BdevError::NoDevice(format!("lvol store {uuid}")))?;
+        Ok(CopyUpJob {
+            lvs,
+            id,
+            next: 0,
+            total,
+            decouple,
+        })
+    });
+    match job.wait().await.map_err(lvol_error)? {
+        JobEnd::Done(()) => {}
+        JobEnd::Cancelled => return Err(LvolError::Io("cancelled".into())),
+    }
+    let l2 = lvs.clone();
+    with_quiesced(lvs, id, || async move {
+        if decouple {
+            l2.store.finish_decouple(id).await
+        } else {
+            l2.store.finish_inflate(id).await
+        }
+    })
+    .await
 }
 
 /// Creates lvol `o` in `lvs` and registers its bdev; on any failure nothing

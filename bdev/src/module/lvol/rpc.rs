@@ -451,6 +451,21 @@ pub fn register(table: &mut RpcTable) {
         },
     );
 
+    for (method, decouple) in [
+        ("bdev_lvol_inflate", false),
+        ("bdev_lvol_decouple_parent", true),
+    ] {
+        table.register_with(
+            method,
+            StateMask::RUNTIME,
+            move |p: NameParams| async move {
+                let (lvs, id) = lvol(&p.name)?;
+                lvs::copy_up(&lvs, id, decouple).await.map_err(failed)?;
+                Ok(json!(true))
+            },
+        );
+    }
+
     table.register(
         "bdev_lvol_get_lvols",
         StateMask::RUNTIME,
