@@ -63,6 +63,16 @@ fn fill(len: usize, seed: u8) -> Vec<u8> {
     common::pattern(len, seed)
 }
 
+fn l_creation(t: &Target, alias: &str) -> Value {
+    let l = t.ok("bdev_lvol_get_lvols", Value::Null);
+    l.as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["alias"] == alias)
+        .unwrap()["creation_time"]
+        .clone()
+}
+
 fn error(t: &Target, method: &str, params: Value) -> (i64, String) {
     let e = t.call(method, params).unwrap_err();
     (
@@ -106,6 +116,8 @@ fn store_and_lvol_shapes_are_spdks() {
     assert_eq!(d["snapshot"], false);
     assert_eq!(d["clone"], false);
     assert_eq!(d["esnap_clone"], false);
+    assert_eq!(b["creation_time"], l_creation(&t, "lvs0/vol1"));
+    assert_eq!(bdev(&t, "B0")["creation_time"], "");
     // Found by UUID as well.
     assert_eq!(bdev(&t, &lv)["name"], lv.as_str());
 
@@ -506,4 +518,42 @@ fn inflate_decouple_and_detach_parent_move_data_and_links() {
         error(&t, "bdev_lvol_decouple_parent", json!({"name": "lvs0/c"})),
         (-32602, "Invalid argument".into())
     );
+}
+
+#[test]
+fn removing_the_base_unloads_the_store_and_adding_it_back_loads_it() {
+    let dir = common::scratch_dir();
+    let file = dir.join("aio.img");
+    std::fs::File::create(&file)
+        .unwrap()
+        .set_len(32 * CLUSTER as u64)
+        .unwrap();
+    let t = Target::start();
+    let aio = json!({"name": "A0", "filename": file.to_str().unwrap(), "block_size": BS});
+    t.ok("bdev_aio_create", aio.clone());
+    t.ok(
+        "bdev_lvol_create_lvstore",
+        json!({"bdev_name": "A0", "lvs_name": "A0", "cluster_sz": CLUSTER}),
+    );
+    let lv = t.ok(
+        "bdev_lvol_create",
+        json!({"lvs_name": "A0", "lvol_name": "r", "size_in_mib": 4, "thin_provision": true}),
+    );
+    let data = fill(2 * BS, 3);
+    write(&t, "A0/r", 7, &data);
+    // Exported: the namespace goes with the hot-removed lvol.
+    t.export_tcp("nqn.2023-01.io.longhorn.spdk:r", lv.as_str().unwrap());
+    // Longhorn deletes a disk with bdev_aio_delete only.
+    t.ok("bdev_aio_delete", json!({"name": "A0"}));
+    assert_eq!(t.ok("bdev_lvol_get_lvstores", Value::Null), json!([]));
+    assert_eq!(error(&t, "bdev_get_bdevs", json!({"name": "A0/r"})).0, -19);
+    let subs = t.ok(
+        "nvmf_get_subsystems",
+        json!({"nqn": "nqn.2023-01.io.longhorn.spdk:r"}),
+    );
+    assert_eq!(subs[0]["namespaces"], json!([]));
+    t.ok("bdev_aio_create", aio);
+    t.ok("bdev_wait_for_examine", Value::Null);
+    assert_eq!(bdev(&t, "A0/r")["name"], lv);
+    assert_eq!(read(&t, "A0/r", 7, 2), data);
 }

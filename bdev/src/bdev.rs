@@ -33,6 +33,12 @@ pub trait Bdev: AsAnyRef + Send + Sync + 'static {
     /// once per core at a time; the framework shares it between users.
     fn create_channel(&self) -> Rc<dyn BdevChannel>;
 
+    /// `creation_time` in `bdev_get_bdevs` (Longhorn's SPDK adds it: RFC
+    /// 3339 UTC, empty when the module does not know it).
+    fn creation_time(&self) -> String {
+        String::new()
+    }
+
     /// `driver_specific` in `bdev_get_bdevs`.
     fn dump_info_json(&self) -> Value {
         Value::Object(Default::default())

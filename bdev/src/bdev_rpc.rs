@@ -106,6 +106,7 @@ pub fn bdev_json(b: &BdevHandle) -> Value {
         o.insert(k.into(), json!(0));
     }
     o.insert("uuid".into(), json!(b.uuid().hyphenated().to_string()));
+    o.insert("creation_time".into(), json!(b.ops().creation_time()));
     o.insert(
         "assigned_rate_limits".into(),
         json!({"rw_ios_per_sec": 0, "rw_mbytes_per_sec": 0, "r_mbytes_per_sec": 0, "w_mbytes_per_sec": 0}),

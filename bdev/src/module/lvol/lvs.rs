@@ -861,6 +861,11 @@ pub async fn resize_lvol(lvs: &Rc<Lvs>, id: u64, num_clusters: u64) -> Result<()
     Ok(())
 }
 
+/// When lvol `key` was created (from the main reactor).
+pub fn creation_time(key: LvolKey) -> Option<String> {
+    Some(store_by_uuid(&key.0)?.store.lvol(key.1)?.creation_time)
+}
+
 /// `bdev_get_bdevs` `driver_specific` of lvol `key` (SPDK's vbdev_lvol
 /// dump_info_json), from the main reactor.
 pub fn driver_specific(key: LvolKey) -> Option<Value> {

@@ -147,6 +147,10 @@ impl Bdev for LvolBdev {
         ch
     }
 
+    fn creation_time(&self) -> String {
+        super::lvs::creation_time(self.key).unwrap_or_default()
+    }
+
     fn dump_info_json(&self) -> Value {
         super::lvs::driver_specific(self.key).unwrap_or_else(|| json!({}))
     }
