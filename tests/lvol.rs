@@ -557,3 +557,62 @@ fn removing_the_base_unloads_the_store_and_adding_it_back_loads_it() {
     assert_eq!(bdev(&t, "A0/r")["name"], lv);
     assert_eq!(read(&t, "A0/r", 7, 2), data);
 }
+
+#[test]
+fn spdk_rpc_py_drives_lvols_unchanged() {
+    if !common::spdk_rpc_available() {
+        return;
+    }
+    let t = Target::start();
+    let rpc = |args: &[&str]| {
+        common::spdk_rpc(&t, args).unwrap_or_else(|e| panic!("rpc.py {args:?}: {e}"))
+    };
+    t.ok(
+        "bdev_malloc_create",
+        json!({"name": "M0", "num_blocks": 64 * CLUSTER_BLOCKS, "block_size": BS}),
+    );
+    let u = rpc(&["bdev_lvol_create_lvstore", "M0", "lvs0", "-c", "1048576"]);
+    let u = u.trim().to_string();
+    let stores: Value =
+        serde_json::from_str(&rpc(&["bdev_lvol_get_lvstores", "-l", "lvs0"])).unwrap();
+    assert_eq!(stores[0]["uuid"], u.as_str());
+    let lv = rpc(&[
+        "bdev_lvol_create",
+        "-l",
+        "lvs0",
+        "-t",
+        "-c",
+        "default",
+        "vol",
+        "8",
+    ]);
+    let lv = lv.trim().to_string();
+    rpc(&["bdev_lvol_create", "-u", &u, "thick", "2"]);
+    write(&t, "lvs0/vol", 0, &fill(BS, 4));
+    let snap = rpc(&["bdev_lvol_snapshot", "lvs0/vol", "snap"]);
+    let clone = rpc(&["bdev_lvol_clone", "lvs0/snap", "c"]);
+    assert_eq!(read(&t, clone.trim(), 0, 1), fill(BS, 4));
+    let lvols: Value = serde_json::from_str(&rpc(&["bdev_lvol_get_lvols", "-l", "lvs0"])).unwrap();
+    assert_eq!(lvols.as_array().unwrap().len(), 4);
+    rpc(&["bdev_lvol_resize", "lvs0/vol", "16"]);
+    assert_eq!(bdev(&t, &lv)["num_blocks"], 16 * CLUSTER_BLOCKS);
+    rpc(&["bdev_lvol_rename", "lvs0/vol", "vol2"]);
+    assert_eq!(bdev(&t, &lv)["aliases"], json!(["lvs0/vol2"]));
+    rpc(&["bdev_lvol_inflate", "lvs0/c"]);
+    rpc(&["bdev_lvol_set_read_only", "lvs0/thick"]);
+    rpc(&["bdev_lvol_decouple_parent", "lvs0/vol2"]);
+    rpc(&["bdev_lvol_delete", "lvs0/c"]);
+    rpc(&["bdev_lvol_delete", snap.trim()]);
+    rpc(&["bdev_lvol_rename_lvstore", "lvs0", "lvs1"]);
+    assert_eq!(bdev(&t, &lv)["aliases"], json!(["lvs1/vol2"]));
+    let e = common::spdk_rpc(&t, &["bdev_lvol_delete", "lvs1/none"]).unwrap_err();
+    assert!(e.contains("-19"), "{e}");
+    rpc(&["bdev_lvol_delete_lvstore", "-l", "lvs1"]);
+    assert_eq!(rpc(&["bdev_lvol_get_lvstores"]).trim(), "[]");
+    assert_eq!(error(&t, "bdev_get_bdevs", json!({"name": lv})).0, -19);
+    // The wiped store is not found again.
+    t.ok(
+        "bdev_lvol_create_lvstore",
+        json!({"bdev_name": "M0", "lvs_name": "again"}),
+    );
+}

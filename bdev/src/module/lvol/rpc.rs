@@ -65,7 +65,7 @@ fn lvol(name: &str) -> Result<(Rc<Lvs>, u64), RpcError> {
 
 fn parse_clear(s: Option<&str>, msg: &str) -> Result<ClearMethod, RpcError> {
     Ok(match s.map(|s| s.to_ascii_lowercase()).as_deref() {
-        None => ClearMethod::Default,
+        None | Some("default") => ClearMethod::Default,
         Some("none") => ClearMethod::None,
         Some("unmap") => ClearMethod::Unmap,
         Some("write_zeroes") => ClearMethod::WriteZeroes,
