@@ -329,9 +329,13 @@ pub fn chain_of(lvs: &Lvs, id: u64) -> Result<Chain, LvolError> {
             _ => None,
         };
     }
+    let cluster_blocks = (st.cluster_size / st.block_size) as u64;
     Ok(Chain {
         tables,
-        cluster_blocks: (st.cluster_size / st.block_size) as u64,
+        cluster_blocks,
+        cluster_shift: cluster_blocks
+            .is_power_of_two()
+            .then(|| cluster_blocks.trailing_zeros()),
         data_start_blocks: lvs.store.cluster_offset_blocks(0),
         read_only: info.read_only,
     })

@@ -52,6 +52,9 @@ pub struct Chain {
     pub tables: Vec<ClusterTable>,
     /// Blocks per cluster (lvol and base share the block size).
     pub cluster_blocks: u64,
+    /// log2 of `cluster_blocks` when it is a power of two (the usual case):
+    /// a shift instead of two divisions per I/O.
+    pub cluster_shift: Option<u32>,
     /// Base block of data cluster 0.
     pub data_start_blocks: u64,
     pub read_only: bool,
@@ -78,6 +81,40 @@ impl Chain {
     #[inline]
     fn base_offset(&self, physical: u64, offset_in_cluster: u64) -> u64 {
         self.data_start_blocks + physical * self.cluster_blocks + offset_in_cluster
+    }
+
+    /// (cluster, offset in it) of lvol block `lba`.
+    #[inline]
+    pub fn split_lba(&self, lba: u64) -> (u64, u64) {
+        match self.cluster_shift {
+            Some(s) => (lba >> s, lba & (self.cluster_blocks - 1)),
+            None => (lba / self.cluster_blocks, lba % self.cluster_blocks),
+        }
+    }
+
+    /// Where a read of `lba` goes: the base block, or None for zeros.
+    #[inline]
+    fn read_target(&self, lba: u64) -> Option<u64> {
+        let (c, o) = self.split_lba(lba);
+        self.locate(c).map(|(p, _)| self.base_offset(p, o))
+    }
+
+    /// Where a write of `lba` goes: the base block, or Err(cluster) when the
+    /// lvol does not hold the cluster yet; Err(u64::MAX) beyond the end or
+    /// read-only.
+    #[inline]
+    fn write_target(&self, lba: u64) -> Result<u64, u64> {
+        if self.read_only {
+            return Err(u64::MAX);
+        }
+        let (c, o) = self.split_lba(lba);
+        match self.tables[0].get(c as usize) {
+            Some(e) => match e.load(Ordering::Acquire) {
+                0 => Err(c),
+                e => Ok(self.base_offset(e - 1, o)),
+            },
+            None => Err(u64::MAX),
+        }
     }
 }
 
@@ -337,35 +374,19 @@ impl BdevChannel for LvolChannel {
     fn submit(self: Rc<Self>, io: IoBox) {
         match io.io_type {
             IoType::Read => {
-                let chain = self.chain.borrow().clone();
-                let cb = chain.cluster_blocks;
-                match chain.locate(io.offset_blocks / cb) {
-                    Some((phys, _)) => {
-                        let at = chain.base_offset(phys, io.offset_blocks % cb);
-                        self.forward(io, at)
-                    }
+                // The borrow ends before the I/O goes on.
+                let at = self.chain.borrow().read_target(io.offset_blocks);
+                match at {
+                    Some(at) => self.forward(io, at),
                     None => Self::read_zeros(io, self.base.bdev().block_size()),
                 }
             }
             IoType::Write => {
-                let chain = self.chain.borrow().clone();
-                if chain.read_only {
-                    io.complete(IoStatus::Failed);
-                    return;
-                }
-                let cb = chain.cluster_blocks;
-                let cluster = io.offset_blocks / cb;
-                match chain.tables[0].get(cluster as usize) {
-                    Some(e) => {
-                        let e = e.load(Ordering::Acquire);
-                        if e != 0 {
-                            let at = chain.base_offset(e - 1, io.offset_blocks % cb);
-                            self.forward(io, at)
-                        } else {
-                            self.wait_for_allocation(io, cluster)
-                        }
-                    }
-                    None => io.complete(IoStatus::Failed),
+                let at = self.chain.borrow().write_target(io.offset_blocks);
+                match at {
+                    Ok(at) => self.forward(io, at),
+                    Err(u64::MAX) => io.complete(IoStatus::Failed),
+                    Err(cluster) => self.wait_for_allocation(io, cluster),
                 }
             }
             IoType::Unmap | IoType::WriteZeroes => self.data_less(io),
