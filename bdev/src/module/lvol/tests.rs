@@ -1210,3 +1210,44 @@ fn allocation_is_next_fit_wraps_around_and_stops_at_the_end() {
         assert_eq!(n.len(), 3);
     });
 }
+
+#[test]
+fn a_queue_larger_than_a_batch_with_a_checkpoint_due_reloads_exactly() {
+    // 64 log pages, batches of at most 16: n concurrent one-page creates
+    // arrive together while the log is a third full, so rounds are partial
+    // batches and checkpoints; nothing may be applied twice (a checkpoint
+    // taken while part of the queue is still unwritten would be).
+    for n in [17, 25, 35, 45, 60] {
+        block_on(async {
+            // 1024 clusters: the smallest log.
+            let dev = Rc::new(MemDevice::new(BS, (64 << 20) / BS as u64));
+            let s = LvolStore::format(dev.clone(), opts("small")).await.unwrap();
+            assert_eq!(s.layout().log_pages, 64);
+            let a = s
+                .create_lvol(CreateOptions::new("a", 1, true))
+                .await
+                .unwrap()
+                .id;
+            for i in 0..20u8 {
+                s.set_xattr(a, "fill", &[i; 3500], false).await.unwrap();
+            }
+            dev.set_yield_io(true);
+            let fs: Vec<LocalBoxed<'_, ()>> = (0..n)
+                .map(|k| {
+                    let s = &s;
+                    Box::pin(async move {
+                        let mut o = CreateOptions::new(format!("v{k}"), 2, true);
+                        o.xattrs.insert("pad".into(), vec![k as u8; 3500]);
+                        s.create_lvol(o).await.unwrap();
+                    }) as LocalBoxed<'_, ()>
+                })
+                .collect();
+            join_all(fs).await;
+            let (batches, ckpts) = s.journal_stats();
+            println!("queue of {n}: {batches} batches, {ckpts} checkpoints");
+            let r = reload(&dev).await;
+            assert_eq!(r.model(), s.model(), "queue of {n}");
+            clean(&r);
+        });
+    }
+}
