@@ -834,7 +834,8 @@ impl LvolStore {
         })
     }
 
-    /// Creates a store on `dev` (everything on it is lost). The metadata
+    /// Creates a store on `dev` (everything on it is lost; a crash midway
+    /// leaves the earlier store, no store, or the new one). The metadata
     /// region comes first, sized from `md_pages_per_cluster_ratio` as SPDK
     /// sizes its blobstore metadata (see [`Layout::compute`]); data
     /// clusters follow, cluster aligned. Returns once the store is
@@ -877,9 +878,12 @@ impl LvolStore {
             log_start_pos: 0,
             log_min_epoch: 1,
         };
-        // Erase the log's first page: a page 0 of an earlier store on this
-        // device carries another UUID anyway, but a clean start is cheap.
-        write_pages(&*dev, &layout, layout.log_start(), &[0u8; MD_PAGE_BYTES]).await?;
+        // First retire any earlier store's superblocks, durably: until then
+        // its metadata is untouched and loads as it was; after, the device
+        // holds no store until the new superblocks land. (Log pages of an
+        // earlier store carry its UUID, so they never replay into this one.)
+        write_pages(&*dev, &layout, 0, &[0u8; 2 * MD_PAGE_BYTES]).await?;
+        dev.flush().await?;
         write_pages(&*dev, &layout, layout.ckpt_start(0), &pad_to_pages(ck)).await?;
         dev.flush().await?;
         let copy1 = sb.encode();

@@ -1251,3 +1251,115 @@ fn a_queue_larger_than_a_batch_with_a_checkpoint_due_reloads_exactly() {
         });
     }
 }
+
+#[test]
+fn crashes_during_concurrent_commits_load_a_prefix_with_every_acknowledged_one() {
+    // 45 concurrent creates over partial batches, checkpoints and a
+    // checkpoint-only round: after a crash at any write, the lvols present
+    // are the first k created (ids are handed out in commit order), k at
+    // least the number acknowledged before that write.
+    for n in [45u64, 60] {
+        block_on(async {
+            let dev = Rc::new(MemDevice::new(BS, (64 << 20) / BS as u64));
+            let s = LvolStore::format(dev.clone(), opts("small")).await.unwrap();
+            let a = s
+                .create_lvol(CreateOptions::new("a", 1, true))
+                .await
+                .unwrap()
+                .id;
+            for i in 0..20u8 {
+                s.set_xattr(a, "fill", &[i; 3500], false).await.unwrap();
+            }
+            let base = dev.image();
+            let first_id = s.model().next_blob_id;
+            dev.start_trace();
+            dev.set_yield_io(true);
+            let w0 = dev.writes();
+            let acks = std::cell::RefCell::new(Vec::new());
+            let fs: Vec<LocalBoxed<'_, ()>> = (0..n)
+                .map(|k| {
+                    let (s, acks, dev) = (&s, &acks, &dev);
+                    Box::pin(async move {
+                        let mut o = CreateOptions::new(format!("v{k}"), 2, true);
+                        o.xattrs.insert("pad".into(), vec![k as u8; 3500]);
+                        s.create_lvol(o).await.unwrap();
+                        acks.borrow_mut().push(dev.writes() - w0);
+                    }) as LocalBoxed<'_, ()>
+                })
+                .collect();
+            join_all(fs).await;
+            dev.set_yield_io(false);
+            let trace = dev.take_trace();
+            let total = trace_writes(&trace);
+            let acks = acks.into_inner();
+            let mut loaded = 0;
+            for n in 0..=total {
+                let acked = acks.iter().filter(|&&w| w <= n).count() as u64;
+                for how in landings(unflushed_before(&trace, n)) {
+                    let img = crash_image(&base, &trace, n, &how);
+                    let d = Rc::new(MemDevice::from_image(BS, dev.num_blocks(), img));
+                    let report = check_device(&*d).await;
+                    assert!(report.is_clean(), "write {n}, {how:?}: {report}");
+                    let r = LvolStore::load(d)
+                        .await
+                        .unwrap_or_else(|e| panic!("write {n}, {how:?}: {e:?}"));
+                    let new: Vec<u64> = r
+                        .model()
+                        .lvols
+                        .keys()
+                        .copied()
+                        .filter(|&id| id >= first_id)
+                        .collect();
+                    let k = new.len() as u64;
+                    assert_eq!(
+                        new,
+                        (first_id..first_id + k).collect::<Vec<_>>(),
+                        "write {n}, {how:?}: not a prefix"
+                    );
+                    assert!(
+                        k >= acked,
+                        "write {n}, {how:?}: {k} present, {acked} acknowledged"
+                    );
+                    clean(&r);
+                    loaded += 1;
+                }
+            }
+            assert_eq!(s.model().lvols.len() as u64, 1 + n);
+            println!("concurrent crash matrix, {n} creates: {total} writes, {loaded} images");
+        });
+    }
+}
+
+#[test]
+fn a_crash_during_format_over_an_old_store_leaves_the_old_one_none_or_the_new_one() {
+    block_on(async {
+        let (dev, old) = fresh().await;
+        old.create_lvol(CreateOptions::new("old", 3, false))
+            .await
+            .unwrap();
+        let old_model = old.model();
+        let base = dev.image();
+        dev.start_trace();
+        let mut o = opts("new");
+        o.uuid = Some(uuid::Uuid::from_u128(99));
+        let new = LvolStore::format(dev.clone(), o).await.unwrap();
+        let new_model = new.model();
+        let trace = dev.take_trace();
+        let total = trace_writes(&trace);
+        let mut seen = [0; 3];
+        for n in 0..=total {
+            for how in landings(unflushed_before(&trace, n)) {
+                let img = crash_image(&base, &trace, n, &how);
+                let d = Rc::new(MemDevice::from_image(BS, DEV_BLOCKS, img));
+                match LvolStore::load(d).await {
+                    Ok(s) if s.model() == old_model => seen[0] += 1,
+                    Ok(s) if s.model() == new_model => seen[2] += 1,
+                    Err(LvolError::NoStore(_)) => seen[1] += 1,
+                    Ok(s) => panic!("write {n}, {how:?}: neither store: {:?}", s.model()),
+                    Err(e) => panic!("write {n}, {how:?}: {e:?}"),
+                }
+            }
+        }
+        assert!(seen.iter().all(|&c| c > 0), "old/none/new seen {seen:?}");
+    });
+}
