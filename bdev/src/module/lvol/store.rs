@@ -18,7 +18,7 @@
 //!   the disk, so every later operation fails with EIO until a reload.
 
 use std::cell::{Cell, RefCell};
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -369,18 +369,16 @@ impl State {
                 touched.insert(id);
             }
         }
-        let owned = |m: &Model| -> (HashSet<u64>, u64) {
-            let mut s = HashSet::new();
-            let mut bytes = 0;
-            for id in &touched {
-                if let Some(l) = m.lvols.get(id) {
-                    bytes += l.fixed_bytes() as u64;
-                    s.extend(l.map.iter().filter(|&&x| x != 0).map(|x| x - 1));
-                }
-            }
-            (s, bytes)
+        // Metadata space: the touched records' fixed parts (O(xattrs)).
+        let bytes = |m: &Model| -> u64 {
+            touched
+                .iter()
+                .filter_map(|id| m.lvols.get(id))
+                .map(|l| l.fixed_bytes() as u64)
+                .sum()
         };
-        let (before, bytes_before) = owned(&self.model);
+        let bytes_before = bytes(&self.model);
+        let mut frees = Vec::new();
         let mut publish = Vec::new();
         for r in recs {
             let prev = match r {
@@ -390,6 +388,40 @@ impl State {
             };
             if let Record::GrowStore(n) = r {
                 self.grow_bitmap(*n);
+            }
+            // What this record frees, from the state just before it: only
+            // these records drop clusters (a merge moves them), so an
+            // allocation commit costs O(its runs), not O(the lvol).
+            let owned = |map: &[u64]| -> Vec<u64> {
+                map.iter().filter(|&&m| m != 0).map(|m| m - 1).collect()
+            };
+            match r {
+                Record::DeleteLvol(id) => frees.extend(
+                    self.model
+                        .lvols
+                        .get(id)
+                        .map(|l| owned(&l.map))
+                        .unwrap_or_default(),
+                ),
+                Record::Resize(id, n) => frees.extend(
+                    self.model
+                        .lvols
+                        .get(id)
+                        .map(|l| owned(l.map.get(*n as usize..).unwrap_or(&[])))
+                        .unwrap_or_default(),
+                ),
+                Record::Unmap(id, start, count) => frees.extend(
+                    self.model
+                        .lvols
+                        .get(id)
+                        .and_then(|l| {
+                            l.map
+                                .get(*start as usize..start.saturating_add(*count) as usize)
+                        })
+                        .map(owned)
+                        .unwrap_or_default(),
+                ),
+                _ => {}
             }
             self.model
                 .apply(r)
@@ -437,10 +469,12 @@ impl State {
                 _ => {}
             }
         }
-        let (after, bytes_after) = owned(&self.model);
-        self.record_bytes = self.record_bytes + bytes_after - bytes_before;
-        let mut frees: Vec<u64> = before.difference(&after).copied().collect();
+        self.record_bytes = self.record_bytes + bytes(&self.model) - bytes_before;
         frees.sort_unstable();
+        debug_assert!(
+            frees.windows(2).all(|w| w[0] != w[1]),
+            "a cluster freed twice"
+        );
         Ok((frees, publish))
     }
 
@@ -1920,15 +1954,24 @@ impl LvolStore {
         }
         let mut recs = Vec::new();
         for (id, mut v) in per {
+            st.lvol(id)?;
             v.sort_unstable();
-            let n = st.lvol(id)?.num_clusters as usize;
-            let mut map = vec![0u64; n];
+            // Runs straight from the sorted pairs: O(reservations).
+            let mut runs: Vec<disk::Run> = Vec::new();
             for (i, p) in v {
-                map[i as usize] = p + 1;
+                match runs.last_mut() {
+                    Some(r) if r.logical + r.len as u64 == i && r.physical + r.len as u64 == p => {
+                        r.len += 1
+                    }
+                    _ => runs.push(disk::Run {
+                        logical: i,
+                        physical: p,
+                        len: 1,
+                    }),
+                }
             }
             recs.extend(
-                disk::runs_of(&map)
-                    .chunks(disk::MAX_RUNS_PER_RECORD)
+                runs.chunks(disk::MAX_RUNS_PER_RECORD)
                     .map(|c| Record::Map(id, c.to_vec())),
             );
         }
@@ -2011,27 +2054,26 @@ fn plan_round(st: &State, j: &mut Journal) -> Plan {
     let limit = (l.log_pages / 4).max(1);
     let used = j.next_seq - j.sb.log_start_seq;
     let lens: Vec<usize> = j.queue.iter().map(|p| p.txn.len()).collect();
-    let fits = |n: usize| {
-        let pages = journal::batch_pages(lens[..n].iter().copied());
-        lens[..n].iter().all(|&t| t <= MAX_TXN_BYTES)
-            && pages <= limit
-            && used + pages <= l.log_pages
-    };
+    // The longest prefix that fits (one pass: stream bytes add up).
+    let mut n = 0;
+    let mut bytes = 0usize;
+    for &t in &lens {
+        let pages = (bytes + 4 + t).div_ceil(journal::LOG_PAYLOAD_BYTES) as u64;
+        if t > MAX_TXN_BYTES || pages > limit || used + pages > l.log_pages {
+            break;
+        }
+        bytes += 4 + t;
+        n += 1;
+    }
     let all = lens.len();
-    let (take, pages, ckpt_through) = if fits(all) {
+    let (take, pages, ckpt_through) = if n == all {
         let pages = journal::batch_pages(lens.iter().copied());
         let ck = (used + pages > l.log_pages / 2).then_some(j.next_seq + pages);
         (all, true, ck)
+    } else if n > 0 {
+        (n, true, None)
     } else {
-        let mut n = 0;
-        while n < all && fits(n + 1) {
-            n += 1;
-        }
-        if n > 0 {
-            (n, true, None)
-        } else {
-            (all, false, Some(j.next_seq))
-        }
+        (all, false, Some(j.next_seq))
     };
     let batch: Vec<Pending> = j.queue.drain(..take).collect();
     let txns: Vec<Vec<u8>> = batch.iter().map(|p| p.txn.clone()).collect();
