@@ -798,7 +798,10 @@ fn crash_at_every_write_of_every_operation_loads_before_or_after() {
 #[test]
 fn concurrent_allocations_batch_into_few_commits_and_never_share_a_cluster() {
     block_on(async {
-        let (dev, s) = fresh().await;
+        // 64 GiB (sparse): 1M clusters, lvols of 16K clusters each, so an
+        // allocation that cost O(lvol size) would show in the rate.
+        let dev = Rc::new(MemDevice::new(BS, (64u64 << 30) / BS as u64));
+        let s = LvolStore::format(dev.clone(), opts("big")).await.unwrap();
         dev.set_yield_io(true);
         let writers = 64u64;
         let per = 32u64;
@@ -807,7 +810,7 @@ fn concurrent_allocations_batch_into_few_commits_and_never_share_a_cluster() {
                 .map(|w| {
                     let s = &s;
                     Box::pin(async move {
-                        s.create_lvol(CreateOptions::new(format!("w{w}"), per, true))
+                        s.create_lvol(CreateOptions::new(format!("w{w}"), 16384, true))
                             .await
                             .unwrap()
                             .id
@@ -839,7 +842,7 @@ fn concurrent_allocations_batch_into_few_commits_and_never_share_a_cluster() {
         let (b1, ck) = s.journal_stats();
         let n = writers * per;
         println!(
-            "thin allocation, in-memory device (one yield per I/O), {writers} writers: \
+            "thin allocation, in-memory device (one yield per I/O), {writers} writers on 16K-cluster lvols: \
              {n} clusters in {dt:?} = {:.0} clusters/s, {} log batches, {ck} checkpoints",
             n as f64 / dt.as_secs_f64(),
             b1 - b0
@@ -852,7 +855,9 @@ fn concurrent_allocations_batch_into_few_commits_and_never_share_a_cluster() {
         let m = s.model();
         let mut seen = std::collections::HashSet::new();
         for id in &ids {
-            for &e in &m.lvols[id].map {
+            let map = &m.lvols[id].map;
+            assert_eq!(map.iter().filter(|&&e| e != 0).count() as u64, per);
+            for &e in &map[..per as usize] {
                 assert_ne!(e, 0);
                 assert!(seen.insert(e), "cluster {} given twice", e - 1);
             }
@@ -895,8 +900,13 @@ fn loading_1000_lvols_is_fast() {
         assert_eq!(r.lvols().len(), 1000);
         assert_eq!(r.model(), s.model());
         println!(
-            "load of 1000 lvols (in-memory device, debug build): {dt:?} \
-             ({batches} batches, {ckpts} checkpoints while creating)"
+            "load of 1000 lvols (in-memory device, {} build): {dt:?} \
+             ({batches} batches, {ckpts} checkpoints while creating)",
+            if cfg!(debug_assertions) {
+                "debug"
+            } else {
+                "release"
+            }
         );
     });
 }
@@ -1045,23 +1055,17 @@ async fn uring_dev(name: &str, file: &std::path::Path) -> Rc<dyn MdDevice> {
 
 #[test]
 fn a_store_on_a_uring_file_reloads_the_same_after_restart_and_checks_clean() {
-    let file = scratch_file("uring", 1 << 30);
+    // 8 GiB, sparse: 8192 clusters of 1 MiB (no data is written).
+    let file = scratch_file("uring", 8 << 30);
     let f2 = file.clone();
     crate::testutil::run(move || async move {
         let dev = uring_dev("U0", &f2).await;
-        let s = LvolStore::format(dev, FormatOptions::new("lvs"))
-            .await
-            .unwrap();
-        // 1 MiB clusters as Longhorn: 1 GiB minus metadata.
-        let s = {
-            drop(s);
-            let dev = uring_dev_reuse("U0");
-            let mut o = FormatOptions::new("lvs");
-            o.cluster_size = 1 << 20;
-            LvolStore::format(dev, o).await.unwrap()
-        };
+        // 1 MiB clusters, as Longhorn creates its stores.
+        let mut o = FormatOptions::new("lvs");
+        o.cluster_size = 1 << 20;
+        let s = LvolStore::format(dev, o).await.unwrap();
         let t = Instant::now();
-        let fs: Vec<LocalBoxed<'_, u64>> = (0..200)
+        let fs: Vec<LocalBoxed<'_, u64>> = (0..1000)
             .map(|k| {
                 let s = &s;
                 Box::pin(async move {
@@ -1090,10 +1094,15 @@ fn a_store_on_a_uring_file_reloads_the_same_after_restart_and_checks_clean() {
         let dt_alloc = t.elapsed();
         let (batches, ckpts) = s.journal_stats();
         println!(
-            "uring file, 4 KiB blocks: 200 concurrent creates in {dt_create:?}; 800 thin \
-             allocations (200 writers) in {dt_alloc:?} = {:.0} clusters/s; {batches} batches, \
-             {ckpts} checkpoints",
-            800.0 / dt_alloc.as_secs_f64()
+            "uring file, 4 KiB blocks ({} build): 1000 concurrent creates in {dt_create:?}; \
+             4000 thin allocations (1000 writers) in {dt_alloc:?} = {:.0} clusters/s; \
+             {batches} batches, {ckpts} checkpoints",
+            if cfg!(debug_assertions) {
+                "debug"
+            } else {
+                "release"
+            },
+            4000.0 / dt_alloc.as_secs_f64()
         );
         let snap = s.snapshot(ids[0], "snap", BTreeMap::new()).await.unwrap();
         s.clone_lvol(snap.id, "clone").await.unwrap();
@@ -1118,15 +1127,8 @@ fn a_store_on_a_uring_file_reloads_the_same_after_restart_and_checks_clean() {
     // The standalone checker's path: std I/O on the file.
     let r = super::check::check_file(&file).unwrap();
     assert!(r.is_clean(), "{r}");
-    assert_eq!(r.lvols, 201);
+    assert_eq!(r.lvols, 1001);
     let _ = std::fs::remove_dir_all(file.parent().unwrap());
-}
-
-fn uring_dev_reuse(name: &str) -> Rc<dyn MdDevice> {
-    // The first descriptor was dropped with its store (and its claim).
-    let desc = crate::registry::open(name, true, None).unwrap();
-    desc.claim("lvol").unwrap();
-    Rc::new(BdevDevice::new(desc))
 }
 
 #[test]
