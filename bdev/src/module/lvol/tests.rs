@@ -1365,3 +1365,30 @@ fn a_crash_during_format_over_an_old_store_leaves_the_old_one_none_or_the_new_on
         assert!(seen.iter().all(|&c| c > 0), "old/none/new seen {seen:?}");
     });
 }
+
+#[test]
+fn a_failed_metadata_write_poisons_the_store_until_reloaded() {
+    block_on(async {
+        let (dev, s) = fresh().await;
+        let a = s
+            .create_lvol(CreateOptions::new("a", 4, true))
+            .await
+            .unwrap()
+            .id;
+        let before = s.model();
+        dev.fail_after_writes(0);
+        let e = s.rename_lvol(a, "b").await.unwrap_err();
+        assert_eq!(e.errno(), libc::EIO);
+        // Everything after fails too: the model may be ahead of the disk.
+        let e = s
+            .create_lvol(CreateOptions::new("c", 1, true))
+            .await
+            .unwrap_err();
+        assert_eq!(e.errno(), libc::EIO);
+        assert_eq!(s.reserve_cluster(a, 0).unwrap_err().errno(), libc::EIO);
+        // The disk has the state before the failed operation.
+        let r = reload(&dev).await;
+        assert_eq!(r.model(), before);
+        clean(&r);
+    });
+}
