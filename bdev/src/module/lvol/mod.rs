@@ -64,13 +64,18 @@
 //! caller writes the data, and [`store::LvolStore::commit_clusters`]
 //! makes the mapping durable; many of those share one log write.
 //!
-//! When the log is half full, the leader also writes a checkpoint of the
-//! state after its batch (serialised before any await, so it is exactly
-//! that state) into the other area, next to the batch's log pages, with
-//! the same flush; the batch's committers are answered, then the new
-//! superblock moves the log's start past the batch. Committers wait for a
-//! checkpoint only when one transaction or batch is too large for the log
-//! (or would overrun it): then the checkpoint itself is the commit.
+//! When the log is half full, the leader also writes a checkpoint next to
+//! a batch, with the same flush. It does so only in a round that takes the
+//! whole queue: transactions are applied to the model when they are
+//! queued, so only then is the model exactly the state after the batch
+//! (serialised before any await). The batch's committers are answered,
+//! then the new superblock moves the log's start past the batch. A round
+//! that cannot take the whole queue (more than a quarter of the log) writes
+//! a prefix without a checkpoint. Committers wait for a checkpoint only
+//! when the first queued transaction is too large for the log or the log
+//! is full: then the whole queue is committed by a checkpoint alone. On a
+//! reactor the leader is a task of its own, so dropping an operation's
+//! future never stops a commit halfway.
 //!
 //! # Crash safety
 //!
@@ -109,6 +114,8 @@
 //!   cluster a crash could give back to its old owner. A reserved cluster
 //!   is in no durable map: a crash before its commit leaves it free (no
 //!   leak); a reservation dropped uncommitted is freed.
+//! - *Format* first erases both superblock copies and flushes, so a crash
+//!   midway leaves the earlier store intact, no store, or the new one.
 //! - *Dirty shutdown*: load reads the newest superblock, one checkpoint
 //!   and at most L log pages; nothing scans the device.
 //!

@@ -18,7 +18,7 @@
 //!   the disk, so every later operation fails with EIO until a reload.
 
 use std::cell::{Cell, RefCell};
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -369,18 +369,16 @@ impl State {
                 touched.insert(id);
             }
         }
-        let owned = |m: &Model| -> (HashSet<u64>, u64) {
-            let mut s = HashSet::new();
-            let mut bytes = 0;
-            for id in &touched {
-                if let Some(l) = m.lvols.get(id) {
-                    bytes += l.fixed_bytes() as u64;
-                    s.extend(l.map.iter().filter(|&&x| x != 0).map(|x| x - 1));
-                }
-            }
-            (s, bytes)
+        // Metadata space: the touched records' fixed parts (O(xattrs)).
+        let bytes = |m: &Model| -> u64 {
+            touched
+                .iter()
+                .filter_map(|id| m.lvols.get(id))
+                .map(|l| l.fixed_bytes() as u64)
+                .sum()
         };
-        let (before, bytes_before) = owned(&self.model);
+        let bytes_before = bytes(&self.model);
+        let mut frees = Vec::new();
         let mut publish = Vec::new();
         for r in recs {
             let prev = match r {
@@ -390,6 +388,40 @@ impl State {
             };
             if let Record::GrowStore(n) = r {
                 self.grow_bitmap(*n);
+            }
+            // What this record frees, from the state just before it: only
+            // these records drop clusters (a merge moves them), so an
+            // allocation commit costs O(its runs), not O(the lvol).
+            let owned = |map: &[u64]| -> Vec<u64> {
+                map.iter().filter(|&&m| m != 0).map(|m| m - 1).collect()
+            };
+            match r {
+                Record::DeleteLvol(id) => frees.extend(
+                    self.model
+                        .lvols
+                        .get(id)
+                        .map(|l| owned(&l.map))
+                        .unwrap_or_default(),
+                ),
+                Record::Resize(id, n) => frees.extend(
+                    self.model
+                        .lvols
+                        .get(id)
+                        .map(|l| owned(l.map.get(*n as usize..).unwrap_or(&[])))
+                        .unwrap_or_default(),
+                ),
+                Record::Unmap(id, start, count) => frees.extend(
+                    self.model
+                        .lvols
+                        .get(id)
+                        .and_then(|l| {
+                            l.map
+                                .get(*start as usize..start.saturating_add(*count) as usize)
+                        })
+                        .map(owned)
+                        .unwrap_or_default(),
+                ),
+                _ => {}
             }
             self.model
                 .apply(r)
@@ -437,10 +469,12 @@ impl State {
                 _ => {}
             }
         }
-        let (after, bytes_after) = owned(&self.model);
-        self.record_bytes = self.record_bytes + bytes_after - bytes_before;
-        let mut frees: Vec<u64> = before.difference(&after).copied().collect();
+        self.record_bytes = self.record_bytes + bytes(&self.model) - bytes_before;
         frees.sort_unstable();
+        debug_assert!(
+            frees.windows(2).all(|w| w[0] != w[1]),
+            "a cluster freed twice"
+        );
         Ok((frees, publish))
     }
 
@@ -493,6 +527,8 @@ struct Journal {
     sb: Superblock,
     next_seq: u64,
     queue: Vec<Pending>,
+    /// The round the leader is writing.
+    in_flight: Vec<Pending>,
     leader: bool,
     /// Counters for tests and the measurements.
     batches: u64,
@@ -822,6 +858,7 @@ impl LvolStore {
                     sb,
                     next_seq,
                     queue: Vec::new(),
+                    in_flight: Vec::new(),
                     leader: false,
                     batches: 0,
                     checkpoints: 0,
@@ -831,7 +868,8 @@ impl LvolStore {
         })
     }
 
-    /// Creates a store on `dev` (everything on it is lost). The metadata
+    /// Creates a store on `dev` (everything on it is lost; a crash midway
+    /// leaves the earlier store, no store, or the new one). The metadata
     /// region comes first, sized from `md_pages_per_cluster_ratio` as SPDK
     /// sizes its blobstore metadata (see [`Layout::compute`]); data
     /// clusters follow, cluster aligned. Returns once the store is
@@ -874,9 +912,12 @@ impl LvolStore {
             log_start_pos: 0,
             log_min_epoch: 1,
         };
-        // Erase the log's first page: a page 0 of an earlier store on this
-        // device carries another UUID anyway, but a clean start is cheap.
-        write_pages(&*dev, &layout, layout.log_start(), &[0u8; MD_PAGE_BYTES]).await?;
+        // First retire any earlier store's superblocks, durably: until then
+        // its metadata is untouched and loads as it was; after, the device
+        // holds no store until the new superblocks land. (Log pages of an
+        // earlier store carry its UUID, so they never replay into this one.)
+        write_pages(&*dev, &layout, 0, &[0u8; 2 * MD_PAGE_BYTES]).await?;
+        dev.flush().await?;
         write_pages(&*dev, &layout, layout.ckpt_start(0), &pad_to_pages(ck)).await?;
         dev.flush().await?;
         let copy1 = sb.encode();
@@ -1104,45 +1145,50 @@ impl LvolStore {
         (p.slot.clone(), p.frees.len() as u64)
     }
 
+    /// Waits until the staged transaction is durable. On a reactor the
+    /// group-commit leader runs as its own task, so dropping a waiting
+    /// operation cancels nothing (it still commits). Without a reactor
+    /// (tests, tools) the first waiter leads inline; if that future is
+    /// dropped mid-write the store is poisoned (the batch's fate on disk is
+    /// unknown) and every waiter gets EIO.
     async fn commit_wait(&self, (slot, freed): (Rc<Slot>, u64)) -> Result<u64> {
         let lead = {
             let mut j = self.inner.j.borrow_mut();
             !std::mem::replace(&mut j.leader, true)
         };
         if lead {
-            self.lead().await;
+            if reactor::try_current_core().is_some() {
+                let me = self.clone();
+                reactor::spawn_local(async move { me.lead().await });
+            } else {
+                let guard = LeaderGuard(self);
+                self.lead().await;
+                std::mem::forget(guard);
+            }
         }
         slot.wait().await.map(|_| freed)
     }
 
-    /// The group-commit leader: writes queued transactions in batches
+    /// The group-commit leader: writes what is queued, round after round,
     /// until the queue is empty. Committers that arrive meanwhile queue
     /// and are written by the next round.
     async fn lead(&self) {
         loop {
-            let batch: Vec<Pending> = {
+            let plan = {
                 let mut j = self.inner.j.borrow_mut();
-                let limit = (j.sb.layout.log_pages / 4).max(1);
-                let mut take = 0;
-                let mut lens = Vec::new();
-                for p in &j.queue {
-                    lens.push(p.txn.len());
-                    if take > 0 && journal::batch_pages(lens.iter().copied()) > limit {
-                        break;
-                    }
-                    take += 1;
-                }
-                if take == 0 {
+                if j.queue.is_empty() {
                     j.leader = false;
                     return;
                 }
-                j.queue.drain(..take).collect()
+                let st = self.inner.st.borrow();
+                plan_round(&st, &mut j)
             };
-            let r = self.write_batch(&batch).await;
+            let r = self.write_round(plan).await;
+            let done: Vec<Pending> = std::mem::take(&mut self.inner.j.borrow_mut().in_flight);
             let sb_next = match r {
                 Ok(sb_next) => {
                     let mut st = self.inner.st.borrow_mut();
-                    for p in batch {
+                    for p in done {
                         st.release_clusters(&p.frees);
                         st.publish(p.publish);
                         for id in p.unbusy {
@@ -1153,8 +1199,7 @@ impl LvolStore {
                     sb_next
                 }
                 Err(e) => {
-                    self.inner.st.borrow_mut().failed = Some(format!("metadata write failed: {e}"));
-                    for p in batch {
+                    for p in done {
                         p.slot
                             .set(Err(LvolError::Io(format!("metadata write failed: {e}"))));
                     }
@@ -1163,8 +1208,8 @@ impl LvolStore {
                 }
             };
             if let Some(sb) = sb_next {
-                // The batch is durable; the new superblock only moves the
-                // log's start past it.
+                // The round is durable and answered; the new superblock
+                // only moves the log's start past it.
                 if let Err(e) = self.write_superblock(sb).await {
                     self.poison(&e);
                 }
@@ -1172,13 +1217,19 @@ impl LvolStore {
         }
     }
 
+    /// Marks the store failed and fails everything queued or in flight.
     fn poison(&self, e: &LvolError) {
         let mut st = self.inner.st.borrow_mut();
         if st.failed.is_none() {
             st.failed = Some(format!("metadata write failed: {e}"));
         }
         drop(st);
-        let q: Vec<Pending> = self.inner.j.borrow_mut().queue.drain(..).collect();
+        let q: Vec<Pending> = {
+            let mut j = self.inner.j.borrow_mut();
+            let mut q: Vec<Pending> = j.in_flight.drain(..).collect();
+            q.append(&mut j.queue);
+            q
+        };
         for p in q {
             p.slot
                 .set(Err(LvolError::Io("metadata write failed".into())));
@@ -1193,91 +1244,68 @@ impl LvolStore {
         Ok(())
     }
 
-    /// Writes one batch durably. Plans synchronously first (the model is
-    /// then exactly the state after this batch, so a checkpoint taken now
-    /// is that state). Returns a superblock to write afterwards when a
-    /// checkpoint was written next to the batch.
-    async fn write_batch(&self, batch: &[Pending]) -> Result<Option<Superblock>> {
+    /// Writes one planned round durably: its log pages and its checkpoint
+    /// side by side, one flush. A checkpoint-only round (the commit is the
+    /// checkpoint) also writes the superblock naming it before returning;
+    /// otherwise the superblock that moves the log's start is returned, to
+    /// be written after the round's committers are answered.
+    async fn write_round(&self, plan: Plan) -> Result<Option<Superblock>> {
         let l = self.inner.layout;
         let dev = &*self.inner.dev;
-        let (pages, ckpt, first_seq, big) = {
-            let st = self.inner.st.borrow();
-            let j = self.inner.j.borrow();
-            let txns: Vec<Vec<u8>> = batch.iter().map(|p| p.txn.clone()).collect();
-            let npages = journal::batch_pages(txns.iter().map(Vec::len));
-            let used = j.next_seq - j.sb.log_start_seq;
-            let big = txns.iter().any(|t| t.len() > MAX_TXN_BYTES)
-                || npages > (l.log_pages / 4).max(1)
-                || used + npages > l.log_pages;
-            let pages = (!big).then(|| encode_batch_pages(&st, &j, &txns));
-            let want_ckpt = big || used + npages > l.log_pages / 2;
-            let through = if big { j.next_seq } else { j.next_seq + npages };
-            let ckpt = want_ckpt.then(|| {
-                let gen = j.sb.ckpt_gen + 1;
-                (encode_checkpoint(&st.model, gen, through), gen, through)
-            });
-            (pages, ckpt, j.next_seq, big)
-        };
-        let mut sb_next = None;
         let ckpt_write = async {
-            if let Some((ck, gen, through)) = &ckpt {
-                if ck.len() as u64 > l.ckpt_capacity_bytes() {
-                    return Err(LvolError::NoSpace("checkpoint larger than its area".into()));
-                }
-                write_pages(
-                    dev,
-                    &l,
-                    l.ckpt_start((*gen % 2) as usize),
-                    &pad_to_pages(ck.clone()),
-                )
-                .await?;
-                let j = self.inner.j.borrow();
-                let mut sb = j.sb.clone();
-                sb.seq += 1;
-                sb.ckpt_gen = *gen;
-                sb.ckpt_bytes = ck.len() as u64;
-                sb.ckpt_crc = crc32c::crc32c(ck);
-                sb.log_start_pos = j.pos(*through);
-                sb.log_start_seq = *through;
-                sb.log_min_epoch = sb.epoch;
-                return Ok(Some(sb));
+            let Some((ck, gen, through)) = &plan.ckpt else {
+                return Ok(None);
+            };
+            if ck.len() as u64 > l.ckpt_capacity_bytes() {
+                return Err(LvolError::NoSpace("checkpoint larger than its area".into()));
             }
-            Ok(None)
+            // Never the area the newest superblock names.
+            let area = (*gen % 2) as usize;
+            write_pages(dev, &l, l.ckpt_start(area), &pad_to_pages(ck.clone())).await?;
+            let j = self.inner.j.borrow();
+            debug_assert_ne!(area, j.sb.ckpt_area());
+            let mut sb = j.sb.clone();
+            sb.seq += 1;
+            sb.ckpt_gen = *gen;
+            sb.ckpt_bytes = ck.len() as u64;
+            sb.ckpt_crc = crc32c::crc32c(ck);
+            sb.log_start_pos = j.pos(*through);
+            sb.log_start_seq = *through;
+            sb.log_min_epoch = sb.epoch;
+            Ok(Some(sb))
         };
         let log_write = async {
-            if let Some(p) = &pages {
-                let (start, n) = {
-                    let j = self.inner.j.borrow();
-                    (j.pos(first_seq), (p.len() / MD_PAGE_BYTES) as u64)
-                };
-                let first = n.min(l.log_pages - start);
-                let cut = (first as usize) * MD_PAGE_BYTES;
-                write_pages(dev, &l, l.log_start() + start, &p[..cut]).await?;
-                if cut < p.len() {
-                    write_pages(dev, &l, l.log_start(), &p[cut..]).await?;
-                }
+            let Some(p) = &plan.pages else {
+                return Ok(());
+            };
+            let (start, n) = {
+                let j = self.inner.j.borrow();
+                (j.pos(plan.first_seq), (p.len() / MD_PAGE_BYTES) as u64)
+            };
+            let cut = (n.min(l.log_pages - start) as usize) * MD_PAGE_BYTES;
+            write_pages(dev, &l, l.log_start() + start, &p[..cut]).await?;
+            if cut < p.len() {
+                write_pages(dev, &l, l.log_start(), &p[cut..]).await?;
             }
             Ok::<(), LvolError>(())
         };
-        let (a, b) = futures_lite::future::zip(ckpt_write, log_write).await;
-        b?;
-        if let Some(sb) = a? {
-            sb_next = Some(sb);
-        }
+        let (sb_next, logged) = futures_lite::future::zip(ckpt_write, log_write).await;
+        logged?;
+        let mut sb_next = sb_next?;
         dev.flush().await?;
         {
             let mut j = self.inner.j.borrow_mut();
             j.batches += 1;
-            if let Some(p) = &pages {
+            if let Some(p) = &plan.pages {
                 j.next_seq += (p.len() / MD_PAGE_BYTES) as u64;
             }
             if sb_next.is_some() {
                 j.checkpoints += 1;
             }
         }
-        if big {
-            // Committed by the checkpoint alone: durable only with the
-            // superblock that points at it, before anyone is told.
+        if plan.pages.is_none() {
+            // Committed by the checkpoint alone: durable only once the
+            // superblock names it, before anyone is told.
             if let Some(sb) = sb_next.take() {
                 self.write_superblock(sb).await?;
             }
@@ -1926,15 +1954,24 @@ impl LvolStore {
         }
         let mut recs = Vec::new();
         for (id, mut v) in per {
+            st.lvol(id)?;
             v.sort_unstable();
-            let n = st.lvol(id)?.num_clusters as usize;
-            let mut map = vec![0u64; n];
+            // Runs straight from the sorted pairs: O(reservations).
+            let mut runs: Vec<disk::Run> = Vec::new();
             for (i, p) in v {
-                map[i as usize] = p + 1;
+                match runs.last_mut() {
+                    Some(r) if r.logical + r.len as u64 == i && r.physical + r.len as u64 == p => {
+                        r.len += 1
+                    }
+                    _ => runs.push(disk::Run {
+                        logical: i,
+                        physical: p,
+                        len: 1,
+                    }),
+                }
             }
             recs.extend(
-                disk::runs_of(&map)
-                    .chunks(disk::MAX_RUNS_PER_RECORD)
+                runs.chunks(disk::MAX_RUNS_PER_RECORD)
                     .map(|c| Record::Map(id, c.to_vec())),
             );
         }
@@ -1993,6 +2030,79 @@ impl LvolStore {
     }
 }
 
-fn encode_batch_pages(st: &State, j: &Journal, txns: &[Vec<u8>]) -> Vec<u8> {
-    journal::encode_batch(&st.model.store_uuid, j.next_seq, j.sb.epoch, txns)
+/// What one round of the leader writes.
+struct Plan {
+    /// Log pages from `first_seq`, or None for a checkpoint-only round.
+    pages: Option<Vec<u8>>,
+    first_seq: u64,
+    /// (checkpoint bytes, generation, log sequence it is as of).
+    ckpt: Option<(Vec<u8>, u64, u64)>,
+}
+
+/// Takes the next round out of the queue into `in_flight`; synchronous,
+/// so the model is exactly the state after everything written plus
+/// everything queued. A checkpoint therefore serialises the model only in
+/// a round that takes the whole queue:
+/// - the whole queue fits the log (no transaction above
+///   [`MAX_TXN_BYTES`], at most a quarter of the log, room left): one
+///   batch; with a checkpoint next to it once the log is half full;
+/// - else a prefix that fits: a batch without checkpoint;
+/// - else (a huge transaction first, or the log full): the whole queue
+///   is committed by a checkpoint alone.
+fn plan_round(st: &State, j: &mut Journal) -> Plan {
+    let l = st_layout(j);
+    let limit = (l.log_pages / 4).max(1);
+    let used = j.next_seq - j.sb.log_start_seq;
+    let lens: Vec<usize> = j.queue.iter().map(|p| p.txn.len()).collect();
+    // The longest prefix that fits (one pass: stream bytes add up).
+    let mut n = 0;
+    let mut bytes = 0usize;
+    for &t in &lens {
+        let pages = (bytes + 4 + t).div_ceil(journal::LOG_PAYLOAD_BYTES) as u64;
+        if t > MAX_TXN_BYTES || pages > limit || used + pages > l.log_pages {
+            break;
+        }
+        bytes += 4 + t;
+        n += 1;
+    }
+    let all = lens.len();
+    let (take, pages, ckpt_through) = if n == all {
+        let pages = journal::batch_pages(lens.iter().copied());
+        let ck = (used + pages > l.log_pages / 2).then_some(j.next_seq + pages);
+        (all, true, ck)
+    } else if n > 0 {
+        (n, true, None)
+    } else {
+        (all, false, Some(j.next_seq))
+    };
+    let batch: Vec<Pending> = j.queue.drain(..take).collect();
+    let txns: Vec<Vec<u8>> = batch.iter().map(|p| p.txn.clone()).collect();
+    debug_assert!(ckpt_through.is_none() || j.queue.is_empty());
+    let plan = Plan {
+        pages: pages
+            .then(|| journal::encode_batch(&st.model.store_uuid, j.next_seq, j.sb.epoch, &txns)),
+        first_seq: j.next_seq,
+        ckpt: ckpt_through.map(|through| {
+            let gen = j.sb.ckpt_gen + 1;
+            (encode_checkpoint(&st.model, gen, through), gen, through)
+        }),
+    };
+    j.in_flight = batch;
+    plan
+}
+
+fn st_layout(j: &Journal) -> Layout {
+    j.sb.layout
+}
+
+/// Poisons the store if an inline leader is dropped mid-round.
+struct LeaderGuard<'a>(&'a LvolStore);
+
+impl Drop for LeaderGuard<'_> {
+    fn drop(&mut self) {
+        self.0.poison(&LvolError::Io(
+            "the committing operation was dropped".into(),
+        ));
+        self.0.inner.j.borrow_mut().leader = false;
+    }
 }

@@ -798,7 +798,10 @@ fn crash_at_every_write_of_every_operation_loads_before_or_after() {
 #[test]
 fn concurrent_allocations_batch_into_few_commits_and_never_share_a_cluster() {
     block_on(async {
-        let (dev, s) = fresh().await;
+        // 64 GiB (sparse): 1M clusters, lvols of 16K clusters each, so an
+        // allocation that cost O(lvol size) would show in the rate.
+        let dev = Rc::new(MemDevice::new(BS, (64u64 << 30) / BS as u64));
+        let s = LvolStore::format(dev.clone(), opts("big")).await.unwrap();
         dev.set_yield_io(true);
         let writers = 64u64;
         let per = 32u64;
@@ -807,7 +810,7 @@ fn concurrent_allocations_batch_into_few_commits_and_never_share_a_cluster() {
                 .map(|w| {
                     let s = &s;
                     Box::pin(async move {
-                        s.create_lvol(CreateOptions::new(format!("w{w}"), per, true))
+                        s.create_lvol(CreateOptions::new(format!("w{w}"), 16384, true))
                             .await
                             .unwrap()
                             .id
@@ -839,7 +842,7 @@ fn concurrent_allocations_batch_into_few_commits_and_never_share_a_cluster() {
         let (b1, ck) = s.journal_stats();
         let n = writers * per;
         println!(
-            "thin allocation, in-memory device (one yield per I/O), {writers} writers: \
+            "thin allocation, in-memory device (one yield per I/O), {writers} writers on 16K-cluster lvols: \
              {n} clusters in {dt:?} = {:.0} clusters/s, {} log batches, {ck} checkpoints",
             n as f64 / dt.as_secs_f64(),
             b1 - b0
@@ -852,7 +855,9 @@ fn concurrent_allocations_batch_into_few_commits_and_never_share_a_cluster() {
         let m = s.model();
         let mut seen = std::collections::HashSet::new();
         for id in &ids {
-            for &e in &m.lvols[id].map {
+            let map = &m.lvols[id].map;
+            assert_eq!(map.iter().filter(|&&e| e != 0).count() as u64, per);
+            for &e in &map[..per as usize] {
                 assert_ne!(e, 0);
                 assert!(seen.insert(e), "cluster {} given twice", e - 1);
             }
@@ -895,8 +900,13 @@ fn loading_1000_lvols_is_fast() {
         assert_eq!(r.lvols().len(), 1000);
         assert_eq!(r.model(), s.model());
         println!(
-            "load of 1000 lvols (in-memory device, debug build): {dt:?} \
-             ({batches} batches, {ckpts} checkpoints while creating)"
+            "load of 1000 lvols (in-memory device, {} build): {dt:?} \
+             ({batches} batches, {ckpts} checkpoints while creating)",
+            if cfg!(debug_assertions) {
+                "debug"
+            } else {
+                "release"
+            }
         );
     });
 }
@@ -1045,23 +1055,17 @@ async fn uring_dev(name: &str, file: &std::path::Path) -> Rc<dyn MdDevice> {
 
 #[test]
 fn a_store_on_a_uring_file_reloads_the_same_after_restart_and_checks_clean() {
-    let file = scratch_file("uring", 1 << 30);
+    // 8 GiB, sparse: 8192 clusters of 1 MiB (no data is written).
+    let file = scratch_file("uring", 8 << 30);
     let f2 = file.clone();
     crate::testutil::run(move || async move {
         let dev = uring_dev("U0", &f2).await;
-        let s = LvolStore::format(dev, FormatOptions::new("lvs"))
-            .await
-            .unwrap();
-        // 1 MiB clusters as Longhorn: 1 GiB minus metadata.
-        let s = {
-            drop(s);
-            let dev = uring_dev_reuse("U0");
-            let mut o = FormatOptions::new("lvs");
-            o.cluster_size = 1 << 20;
-            LvolStore::format(dev, o).await.unwrap()
-        };
+        // 1 MiB clusters, as Longhorn creates its stores.
+        let mut o = FormatOptions::new("lvs");
+        o.cluster_size = 1 << 20;
+        let s = LvolStore::format(dev, o).await.unwrap();
         let t = Instant::now();
-        let fs: Vec<LocalBoxed<'_, u64>> = (0..200)
+        let fs: Vec<LocalBoxed<'_, u64>> = (0..1000)
             .map(|k| {
                 let s = &s;
                 Box::pin(async move {
@@ -1090,10 +1094,15 @@ fn a_store_on_a_uring_file_reloads_the_same_after_restart_and_checks_clean() {
         let dt_alloc = t.elapsed();
         let (batches, ckpts) = s.journal_stats();
         println!(
-            "uring file, 4 KiB blocks: 200 concurrent creates in {dt_create:?}; 800 thin \
-             allocations (200 writers) in {dt_alloc:?} = {:.0} clusters/s; {batches} batches, \
-             {ckpts} checkpoints",
-            800.0 / dt_alloc.as_secs_f64()
+            "uring file, 4 KiB blocks ({} build): 1000 concurrent creates in {dt_create:?}; \
+             4000 thin allocations (1000 writers) in {dt_alloc:?} = {:.0} clusters/s; \
+             {batches} batches, {ckpts} checkpoints",
+            if cfg!(debug_assertions) {
+                "debug"
+            } else {
+                "release"
+            },
+            4000.0 / dt_alloc.as_secs_f64()
         );
         let snap = s.snapshot(ids[0], "snap", BTreeMap::new()).await.unwrap();
         s.clone_lvol(snap.id, "clone").await.unwrap();
@@ -1118,15 +1127,8 @@ fn a_store_on_a_uring_file_reloads_the_same_after_restart_and_checks_clean() {
     // The standalone checker's path: std I/O on the file.
     let r = super::check::check_file(&file).unwrap();
     assert!(r.is_clean(), "{r}");
-    assert_eq!(r.lvols, 201);
+    assert_eq!(r.lvols, 1001);
     let _ = std::fs::remove_dir_all(file.parent().unwrap());
-}
-
-fn uring_dev_reuse(name: &str) -> Rc<dyn MdDevice> {
-    // The first descriptor was dropped with its store (and its claim).
-    let desc = crate::registry::open(name, true, None).unwrap();
-    desc.claim("lvol").unwrap();
-    Rc::new(BdevDevice::new(desc))
 }
 
 #[test]
@@ -1208,5 +1210,185 @@ fn allocation_is_next_fit_wraps_around_and_stops_at_the_end() {
         assert!(runs.len() <= 3, "{} runs", runs.len());
         let n = s.lvols();
         assert_eq!(n.len(), 3);
+    });
+}
+
+#[test]
+fn a_queue_larger_than_a_batch_with_a_checkpoint_due_reloads_exactly() {
+    // 64 log pages, batches of at most 16: n concurrent one-page creates
+    // arrive together while the log is a third full, so rounds are partial
+    // batches and checkpoints; nothing may be applied twice (a checkpoint
+    // taken while part of the queue is still unwritten would be).
+    for n in [17, 25, 35, 45, 60] {
+        block_on(async {
+            // 1024 clusters: the smallest log.
+            let dev = Rc::new(MemDevice::new(BS, (64 << 20) / BS as u64));
+            let s = LvolStore::format(dev.clone(), opts("small")).await.unwrap();
+            assert_eq!(s.layout().log_pages, 64);
+            let a = s
+                .create_lvol(CreateOptions::new("a", 1, true))
+                .await
+                .unwrap()
+                .id;
+            for i in 0..20u8 {
+                s.set_xattr(a, "fill", &[i; 3500], false).await.unwrap();
+            }
+            dev.set_yield_io(true);
+            let fs: Vec<LocalBoxed<'_, ()>> = (0..n)
+                .map(|k| {
+                    let s = &s;
+                    Box::pin(async move {
+                        let mut o = CreateOptions::new(format!("v{k}"), 2, true);
+                        o.xattrs.insert("pad".into(), vec![k as u8; 3500]);
+                        s.create_lvol(o).await.unwrap();
+                    }) as LocalBoxed<'_, ()>
+                })
+                .collect();
+            join_all(fs).await;
+            let (batches, ckpts) = s.journal_stats();
+            println!("queue of {n}: {batches} batches, {ckpts} checkpoints");
+            let r = reload(&dev).await;
+            assert_eq!(r.model(), s.model(), "queue of {n}");
+            clean(&r);
+        });
+    }
+}
+
+#[test]
+fn crashes_during_concurrent_commits_load_a_prefix_with_every_acknowledged_one() {
+    // 45 concurrent creates over partial batches, checkpoints and a
+    // checkpoint-only round: after a crash at any write, the lvols present
+    // are the first k created (ids are handed out in commit order), k at
+    // least the number acknowledged before that write.
+    for n in [45u64, 60] {
+        block_on(async {
+            let dev = Rc::new(MemDevice::new(BS, (64 << 20) / BS as u64));
+            let s = LvolStore::format(dev.clone(), opts("small")).await.unwrap();
+            let a = s
+                .create_lvol(CreateOptions::new("a", 1, true))
+                .await
+                .unwrap()
+                .id;
+            for i in 0..20u8 {
+                s.set_xattr(a, "fill", &[i; 3500], false).await.unwrap();
+            }
+            let base = dev.image();
+            let first_id = s.model().next_blob_id;
+            dev.start_trace();
+            dev.set_yield_io(true);
+            let w0 = dev.writes();
+            let acks = std::cell::RefCell::new(Vec::new());
+            let fs: Vec<LocalBoxed<'_, ()>> = (0..n)
+                .map(|k| {
+                    let (s, acks, dev) = (&s, &acks, &dev);
+                    Box::pin(async move {
+                        let mut o = CreateOptions::new(format!("v{k}"), 2, true);
+                        o.xattrs.insert("pad".into(), vec![k as u8; 3500]);
+                        s.create_lvol(o).await.unwrap();
+                        acks.borrow_mut().push(dev.writes() - w0);
+                    }) as LocalBoxed<'_, ()>
+                })
+                .collect();
+            join_all(fs).await;
+            dev.set_yield_io(false);
+            let trace = dev.take_trace();
+            let total = trace_writes(&trace);
+            let acks = acks.into_inner();
+            let mut loaded = 0;
+            for n in 0..=total {
+                let acked = acks.iter().filter(|&&w| w <= n).count() as u64;
+                for how in landings(unflushed_before(&trace, n)) {
+                    let img = crash_image(&base, &trace, n, &how);
+                    let d = Rc::new(MemDevice::from_image(BS, dev.num_blocks(), img));
+                    let report = check_device(&*d).await;
+                    assert!(report.is_clean(), "write {n}, {how:?}: {report}");
+                    let r = LvolStore::load(d)
+                        .await
+                        .unwrap_or_else(|e| panic!("write {n}, {how:?}: {e:?}"));
+                    let new: Vec<u64> = r
+                        .model()
+                        .lvols
+                        .keys()
+                        .copied()
+                        .filter(|&id| id >= first_id)
+                        .collect();
+                    let k = new.len() as u64;
+                    assert_eq!(
+                        new,
+                        (first_id..first_id + k).collect::<Vec<_>>(),
+                        "write {n}, {how:?}: not a prefix"
+                    );
+                    assert!(
+                        k >= acked,
+                        "write {n}, {how:?}: {k} present, {acked} acknowledged"
+                    );
+                    clean(&r);
+                    loaded += 1;
+                }
+            }
+            assert_eq!(s.model().lvols.len() as u64, 1 + n);
+            println!("concurrent crash matrix, {n} creates: {total} writes, {loaded} images");
+        });
+    }
+}
+
+#[test]
+fn a_crash_during_format_over_an_old_store_leaves_the_old_one_none_or_the_new_one() {
+    block_on(async {
+        let (dev, old) = fresh().await;
+        old.create_lvol(CreateOptions::new("old", 3, false))
+            .await
+            .unwrap();
+        let old_model = old.model();
+        let base = dev.image();
+        dev.start_trace();
+        let mut o = opts("new");
+        o.uuid = Some(uuid::Uuid::from_u128(99));
+        let new = LvolStore::format(dev.clone(), o).await.unwrap();
+        let new_model = new.model();
+        let trace = dev.take_trace();
+        let total = trace_writes(&trace);
+        let mut seen = [0; 3];
+        for n in 0..=total {
+            for how in landings(unflushed_before(&trace, n)) {
+                let img = crash_image(&base, &trace, n, &how);
+                let d = Rc::new(MemDevice::from_image(BS, DEV_BLOCKS, img));
+                match LvolStore::load(d).await {
+                    Ok(s) if s.model() == old_model => seen[0] += 1,
+                    Ok(s) if s.model() == new_model => seen[2] += 1,
+                    Err(LvolError::NoStore(_)) => seen[1] += 1,
+                    Ok(s) => panic!("write {n}, {how:?}: neither store: {:?}", s.model()),
+                    Err(e) => panic!("write {n}, {how:?}: {e:?}"),
+                }
+            }
+        }
+        assert!(seen.iter().all(|&c| c > 0), "old/none/new seen {seen:?}");
+    });
+}
+
+#[test]
+fn a_failed_metadata_write_poisons_the_store_until_reloaded() {
+    block_on(async {
+        let (dev, s) = fresh().await;
+        let a = s
+            .create_lvol(CreateOptions::new("a", 4, true))
+            .await
+            .unwrap()
+            .id;
+        let before = s.model();
+        dev.fail_after_writes(0);
+        let e = s.rename_lvol(a, "b").await.unwrap_err();
+        assert_eq!(e.errno(), libc::EIO);
+        // Everything after fails too: the model may be ahead of the disk.
+        let e = s
+            .create_lvol(CreateOptions::new("c", 1, true))
+            .await
+            .unwrap_err();
+        assert_eq!(e.errno(), libc::EIO);
+        assert_eq!(s.reserve_cluster(a, 0).unwrap_err().errno(), libc::EIO);
+        // The disk has the state before the failed operation.
+        let r = reload(&dev).await;
+        assert_eq!(r.model(), before);
+        clean(&r);
     });
 }
