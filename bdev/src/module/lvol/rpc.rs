@@ -511,6 +511,25 @@ pub fn register(table: &mut RpcTable) {
         },
     );
 
+    // Ferroplane's own: the consistency checker on a loaded store (its
+    // live state, and what its base holds on disk).
+    table.register_with(
+        "bdev_lvol_check_lvstore",
+        StateMask::RUNTIME,
+        |p: StoreSelector| async move {
+            let lvs = store_xor(p.uuid.as_deref(), p.lvs_name.as_deref())?;
+            let live = lvs.store.check();
+            let desc = crate::registry::open_handle(&lvs.base, false, None)
+                .map_err(|e| failed(LvolError::from(e)))?;
+            let disk = super::check::check_device(&super::device::BdevDevice::new(desc)).await;
+            Ok(json!({
+                "clean": live.is_clean() && disk.is_clean(),
+                "live": live.to_json(),
+                "on_disk": disk.to_json(),
+            }))
+        },
+    );
+
     table.register_with(
         "bdev_lvol_get_fragmap",
         StateMask::RUNTIME,
