@@ -118,8 +118,9 @@ impl TransportOpts {
 /// A transport address (`listen_address`).
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, serde::Deserialize)]
 pub struct ListenAddress {
+    #[serde(deserialize_with = "upper_case")]
     pub trtype: String,
-    #[serde(default = "ipv4")]
+    #[serde(default = "ipv4", deserialize_with = "address_family")]
     pub adrfam: String,
     pub traddr: String,
     #[serde(default)]
@@ -128,6 +129,22 @@ pub struct ListenAddress {
 
 fn ipv4() -> String {
     "IPv4".into()
+}
+
+// Hosts send `tcp`/`ipv4` and echo back what we print (`TCP`/`IPv4`, as
+// SPDK prints them): one spelling, so an address matches itself either way
+// (Longhorn removes listeners with the values it read back).
+fn upper_case<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    Ok(<String as serde::Deserialize>::deserialize(d)?.to_ascii_uppercase())
+}
+
+fn address_family<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    let s = <String as serde::Deserialize>::deserialize(d)?;
+    Ok(match s.to_ascii_lowercase().as_str() {
+        "ipv4" => "IPv4".into(),
+        "ipv6" => "IPv6".into(),
+        _ => s,
+    })
 }
 
 impl ListenAddress {

@@ -511,6 +511,19 @@ pub fn register(table: &mut RpcTable) {
         },
     );
 
+    // Longhorn's client asks for every snapshot's checksum in each listing
+    // and reads -19 as "none computed". Until snapshot checksums exist
+    // (they are registered by another method, not built yet) that is the
+    // truth for every lvol; unknown lvols are -19 too.
+    table.register_with(
+        "bdev_lvol_get_snapshot_checksum",
+        StateMask::RUNTIME,
+        |p: NameParams| async move {
+            lvol(&p.name)?;
+            Err::<Value, _>(RpcError::new(-libc::ENODEV, strerror(libc::ENODEV)))
+        },
+    );
+
     // Ferroplane's own: the consistency checker on a loaded store (its
     // live state, and what its base holds on disk).
     table.register_with(

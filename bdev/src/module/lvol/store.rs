@@ -1784,8 +1784,13 @@ impl LvolStore {
         if !p.read_only {
             return Err(LvolError::Invalid(format!("{} is not a snapshot", p.name)));
         }
-        if p.num_clusters != c.num_clusters {
-            return Err(LvolError::Invalid("parent and child sizes differ".into()));
+        // Longhorn's SPDK accepts a child larger than its parent (a rebuild
+        // after an expansion re-parents a grown snapshot); beyond the
+        // parent's end the child reads zeros.
+        if p.num_clusters > c.num_clusters {
+            return Err(LvolError::Invalid(
+                "the parent is larger than the child".into(),
+            ));
         }
         if !c.thin {
             return Err(LvolError::Invalid(format!(
