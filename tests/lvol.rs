@@ -443,6 +443,42 @@ fn bad_input_gets_spdks_codes_and_changes_nothing() {
             json!({"name": "lvs0/snap", "offset_blocks": 0, "data": hex(&[1u8; BS])})
         )
         .is_err());
+    // A shrink below what the snapshots under an lvol hold, and of an open
+    // lvol, is refused and changes nothing; a grow and a plain shrink work.
+    write(&t, "lvs0/v", CLUSTER_BLOCKS, &fill(BS, 8));
+    t.ok(
+        "bdev_lvol_snapshot",
+        json!({"lvol_name": "lvs0/v", "snapshot_name": "s2"}),
+    );
+    assert_eq!(
+        error(
+            &t,
+            "bdev_lvol_resize",
+            json!({"name": "lvs0/v", "size_in_mib": 1})
+        ),
+        (-32602, "Invalid argument".into())
+    );
+    assert_eq!(bdev(&t, "lvs0/v")["num_blocks"], 2 * CLUSTER_BLOCKS);
+    t.ok(
+        "bdev_lvol_resize",
+        json!({"name": "lvs0/v", "size_in_mib": 4}),
+    );
+    assert_eq!(bdev(&t, "lvs0/v")["num_blocks"], 4 * CLUSTER_BLOCKS);
+    t.ok(
+        "bdev_lvol_resize",
+        json!({"name": "lvs0/v", "size_in_mib": 3}),
+    );
+    let v = bdev(&t, "lvs0/v")["name"].as_str().unwrap().to_string();
+    t.export_tcp("nqn.2016-06.io.spdk:v", &v);
+    assert_eq!(
+        error(
+            &t,
+            "bdev_lvol_resize",
+            json!({"name": "lvs0/v", "size_in_mib": 2})
+        ),
+        (-32602, "Device or resource busy".into())
+    );
+    assert_eq!(bdev(&t, "lvs0/v")["num_blocks"], 3 * CLUSTER_BLOCKS);
     // Names up to 255 bytes.
     let long = "n".repeat(255);
     t.ok(

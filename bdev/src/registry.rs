@@ -374,6 +374,12 @@ pub struct RegistryView {
     pub claim_type: Option<ClaimType>,
 }
 
+/// How many descriptors have `bdev` open (a consumer such as an NVMe/TCP
+/// namespace holds one).
+pub fn open_count(bdev: &BdevHandle) -> usize {
+    with(|r| r.open_count(bdev.id()))
+}
+
 pub fn view(bdev: &BdevHandle) -> Option<RegistryView> {
     with(|r| {
         r.entries

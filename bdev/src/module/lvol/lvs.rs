@@ -852,6 +852,35 @@ pub async fn rename_store(lvs: &Rc<Lvs>, name: &str) -> Result<(), LvolError> {
 
 /// Resizes lvol `id` (quiesced: its table is replaced) and its bdev.
 pub async fn resize_lvol(lvs: &Rc<Lvs>, id: u64, num_clusters: u64) -> Result<(), LvolError> {
+    let l = lvs
+        .store
+        .lvol(id)
+        .ok_or_else(|| LvolError::NotFound(format!("lvol {id}")))?;
+    if num_clusters < l.num_clusters {
+        // SPDK's bdev layer refuses to shrink an open bdev; refuse before
+        // anything changes (SPDK shrinks the blob first).
+        let open = lvs
+            .bdevs
+            .borrow()
+            .get(&id)
+            .is_some_and(|b| registry::open_count(b) > 0);
+        if open {
+            return Err(LvolError::Busy(format!("lvol {} is open", l.name)));
+        }
+        // Nor may a shrink cut off what the snapshots below it hold.
+        let chain = chain_of(lvs, id)?;
+        let held = chain.tables[1..].iter().any(|t| {
+            t.iter()
+                .skip(num_clusters as usize)
+                .any(|e| e.load(std::sync::atomic::Ordering::Acquire) != 0)
+        });
+        if held {
+            return Err(LvolError::Invalid(format!(
+                "lvol {}: its snapshots hold data beyond {num_clusters} clusters",
+                l.name
+            )));
+        }
+    }
     let l2 = lvs.clone();
     with_quiesced(lvs, id, || async move {
         l2.store.resize_lvol(id, num_clusters).await
