@@ -399,7 +399,7 @@ fn longhorn_replica_snapshot_and_linked_clone_flows() {
     );
     assert_eq!(
         sorted(&lvol_field(&t, &format!("test-disk/{ep}"), "clones")),
-        [tmp.clone()]
+        std::slice::from_ref(&tmp)
     );
     t.ok(
         "bdev_lvol_delete",
