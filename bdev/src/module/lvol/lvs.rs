@@ -61,6 +61,19 @@ pub struct Lvs {
     pending: RefCell<HashMap<(u64, u64), Vec<AllocationWaiter>>>,
 }
 
+impl Lvs {
+    fn new(store: LvolStore, base: BdevHandle) -> Rc<Lvs> {
+        Rc::new(Lvs {
+            uuid: store.info().uuid,
+            store,
+            base,
+            bdevs: RefCell::new(BTreeMap::new()),
+            op_lock: reactor::AsyncLock::default(),
+            pending: RefCell::new(HashMap::new()),
+        })
+    }
+}
+
 thread_local! {
     static STORES: RefCell<Vec<Rc<Lvs>>> = const { RefCell::new(Vec::new()) };
     /// Store names whose create is in flight (SPEC §2: reserved at once).
@@ -147,14 +160,7 @@ pub async fn create_store(o: CreateStoreOptions) -> Result<Uuid, LvolError> {
     let store = LvolStore::format(dev, fo).await?;
     let info = store.info();
     let data_start = store.cluster_offset_blocks(0);
-    let lvs = Rc::new(Lvs {
-        uuid: info.uuid,
-        store,
-        base: base.clone(),
-        bdevs: RefCell::new(BTreeMap::new()),
-        op_lock: reactor::AsyncLock::default(),
-        pending: RefCell::new(HashMap::new()),
-    });
+    let lvs = Lvs::new(store, base.clone());
     // The data region starts cleared, so thick lvols read zeros.
     let clear = match o.clear_method {
         ClearMethod::None => None,
@@ -243,14 +249,7 @@ async fn load(base: BdevHandle) -> Result<(), LvolError> {
             info.name, info.uuid
         )));
     }
-    let lvs = Rc::new(Lvs {
-        uuid: info.uuid,
-        store,
-        base: base.clone(),
-        bdevs: RefCell::new(BTreeMap::new()),
-        op_lock: reactor::AsyncLock::default(),
-        pending: RefCell::new(HashMap::new()),
-    });
+    let lvs = Lvs::new(store, base.clone());
     STORES.with(|s| s.borrow_mut().push(lvs.clone()));
     let lvols = lvs.store.lvols();
     log::info!(
