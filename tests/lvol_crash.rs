@@ -462,7 +462,7 @@ fn round(round: usize, seed: u64, totals: &mut Totals) {
     let states: Vec<Arc<Mutex<Vec<UnitState>>>> = (0..HEADS)
         .map(|_| Arc::new(Mutex::new(vec![UnitState::default(); UNITS as usize])))
         .collect();
-    let mut gens = vec![0u64; HEADS];
+    let mut gens = [0u64; HEADS];
     let st = Arc::new(Mutex::new(Structure {
         sizes: vec![HEAD_MIB; HEADS],
         ..Structure::default()
