@@ -1,11 +1,13 @@
 //! SPEC §2 stress test for lvols: many RPC clients, each on its own
-//! connection, create, snapshot, clone, write, list and delete lvols in one
+//! connection, create, snapshot, clone, write, rename, resize, list and
+//! delete lvols in one
 //! store for a bounded time, with names drawn from small shared pools so
 //! that clients race on the same names all the time.
 //!
 //! Checked while it runs: a listed lvol is complete (its bdev answers by
-//! UUID with the listed alias; if it does not, it must be gone from the
-//! next listing too: deleted meanwhile, never half-made); no name is ever
+//! UUID with the listed alias, unless a rename to its new alias ran in
+//! between; if it does not answer, it must be gone from the next listing
+//! too: deleted meanwhile, never half-made); no name is ever
 //! listed twice; a create of a taken name fails with -17 and nothing else;
 //! nothing fails with EIO. At the end and after a restart (SIGKILL, then
 //! `-c` with the saved aio bdev; the store comes back by examine): every
@@ -67,10 +69,22 @@ struct Tally {
     listings: u64,
     /// Lvols seen listed whose bdev was gone (then gone from a re-listing).
     raced_away: u64,
+    /// Listed under a name their bdev no longer had (a rename between).
+    renamed_between: u64,
+    /// Every rename sent: (new name, sent, answered).
+    renames: Vec<(String, Instant, Option<Instant>)>,
+}
+
+/// Whether a rename to `name` may have landed between `from` and `to`.
+fn renamed_within(t: &Tally, name: &str, from: Instant, to: Instant) -> bool {
+    t.renames
+        .iter()
+        .any(|(n, sent, done)| n == name && *sent <= to && done.is_none_or(|d| d >= from))
 }
 
 /// A listing's lvols as (name, uuid, alias), checked complete.
 fn check_listing(c: &mut Client, tally: &Mutex<Tally>) {
+    let listed_at = Instant::now();
     let lvols = c
         .call("bdev_lvol_get_lvols", json!({"lvs_name": "lvs0"}))
         .unwrap_or_else(|e| panic!("bdev_lvol_get_lvols: {e}"));
@@ -85,9 +99,23 @@ fn check_listing(c: &mut Client, tally: &Mutex<Tally>) {
         match c.call("bdev_get_bdevs", json!({"name": uuid})) {
             Ok(b) => {
                 assert_eq!(b[0]["name"], uuid, "{b}");
-                // Renamed never; but deleted and re-created under the same
-                // name gets a new UUID, so the alias must still match.
-                assert_eq!(b[0]["aliases"], json!([l["alias"]]), "listed {l}, bdev {b}");
+                // A UUID is one lvol for ever (a re-created name gets a
+                // new one): its alias is the listed one, unless a rename
+                // to the alias it has now ran in between.
+                if b[0]["aliases"] != json!([l["alias"]]) {
+                    let now = b[0]["aliases"][0].as_str().unwrap_or("");
+                    let mut ta = tally.lock().unwrap();
+                    assert!(
+                        renamed_within(
+                            &ta,
+                            now.trim_start_matches("lvs0/"),
+                            listed_at,
+                            Instant::now()
+                        ),
+                        "listed {l}, but bdev {b}, and no rename ran"
+                    );
+                    ta.renamed_between += 1;
+                }
                 assert_eq!(b[0]["product_name"], "Logical Volume", "{b}");
             }
             Err(e) => {
@@ -110,7 +138,7 @@ fn client_loop(socket: &Path, seed: u64, stop: &AtomicBool, tally: &Mutex<Tally>
     let mut c = Client::connect(socket);
     let mut r = Rng(seed);
     while !stop.load(Ordering::Acquire) {
-        let (method, params) = match r.below(12) {
+        let (method, params) = match r.below(14) {
             0..=2 => {
                 let thin = r.below(4) != 0;
                 (
@@ -145,12 +173,35 @@ fn client_loop(socket: &Path, seed: u64, stop: &AtomicBool, tally: &Mutex<Tally>
                            "data": hex(&vec![(blk as u8) | 1; BS])}),
                 )
             }
+            10 => {
+                // Renames race with creates of the same names.
+                let p = ["v", "c"][r.below(2) as usize];
+                (
+                    "bdev_lvol_rename",
+                    json!({"old_name": format!("lvs0/{p}{}", r.below(POOL)),
+                           "new_name": format!("{p}{}", r.below(POOL))}),
+                )
+            }
+            11 => (
+                "bdev_lvol_resize",
+                json!({"name": format!("lvs0/{}", any_name(&mut r)), "size_in_mib": 1 + r.below(6)}),
+            ),
             _ => {
                 check_listing(&mut c, tally);
                 continue;
             }
         };
-        let outcome = match c.call(method, params.clone()) {
+        let rename = (method == "bdev_lvol_rename").then(|| {
+            let mut ta = tally.lock().unwrap();
+            let n = params["new_name"].as_str().unwrap().to_string();
+            ta.renames.push((n, Instant::now(), None));
+            ta.renames.len() - 1
+        });
+        let reply = c.call(method, params.clone());
+        if let Some(i) = rename {
+            tally.lock().unwrap().renames[i].2 = Some(Instant::now());
+        }
+        let outcome = match reply {
             Ok(_) => "ok".to_string(),
             Err(e) => {
                 let msg = format!("{} {}", e["code"], e["message"]);
@@ -281,10 +332,11 @@ fn concurrent_clients_racing_on_names_never_see_half_made_lvols() {
         calls += n;
     }
     eprintln!(
-        "{calls} calls and {} listings by {clients} clients in {:?}; {} listed lvols raced away",
+        "{calls} calls and {} listings by {clients} clients in {:?}; {} listed lvols raced away, {} renamed meanwhile",
         tally.listings,
         started.elapsed(),
-        tally.raced_away
+        tally.raced_away,
+        tally.renamed_between
     );
     for m in [
         "bdev_lvol_create",

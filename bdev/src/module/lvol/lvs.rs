@@ -620,9 +620,33 @@ where
 /// Renames lvol `id`: the store, then its bdev's alias.
 pub async fn rename_lvol(lvs: &Rc<Lvs>, id: u64, name: &str) -> Result<(), LvolError> {
     let _op = lvs.op_lock.lock().await;
-    lvs.store.rename_lvol(id, name).await?;
-    update_alias(lvs, id);
-    Ok(())
+    let commit = lvs.store.rename_lvol(id, name);
+    with_model_applied(commit, || update_alias(lvs, id)).await
+}
+
+/// Awaits a store operation, running `then` as soon as the operation has
+/// applied itself to the store's model (its first poll: validation and the
+/// model change are one synchronous step, see the module docs of
+/// `lvol`), not once it is durable. So what reads the model (listings,
+/// `driver_specific`) and what reads the registry (aliases, lookups by
+/// name) never disagree between the two (SPEC §2). Not run when the
+/// operation is refused at once.
+async fn with_model_applied(
+    op: impl std::future::Future<Output = Result<(), LvolError>>,
+    then: impl FnOnce(),
+) -> Result<(), LvolError> {
+    let mut op = std::pin::pin!(op);
+    match futures_lite::future::poll_once(op.as_mut()).await {
+        Some(Err(e)) => Err(e),
+        Some(Ok(())) => {
+            then();
+            Ok(())
+        }
+        None => {
+            then();
+            op.await
+        }
+    }
 }
 
 fn update_alias(lvs: &Lvs, id: u64) {
@@ -639,12 +663,14 @@ pub async fn rename_store(lvs: &Rc<Lvs>, name: &str) -> Result<(), LvolError> {
     if name != lvs.store.info().name && name_in_use(name) {
         return Err(LvolError::Exists(format!("lvol store {name} exists")));
     }
-    lvs.store.rename_store(name).await?;
-    let ids: Vec<u64> = lvs.bdevs.borrow().keys().copied().collect();
-    for id in ids {
-        update_alias(lvs, id);
-    }
-    Ok(())
+    let commit = lvs.store.rename_store(name);
+    with_model_applied(commit, || {
+        let ids: Vec<u64> = lvs.bdevs.borrow().keys().copied().collect();
+        for id in ids {
+            update_alias(lvs, id);
+        }
+    })
+    .await
 }
 
 /// Resizes lvol `id` (quiesced: its table is replaced) and its bdev.
