@@ -400,3 +400,122 @@ fn snapshot_under_48_writes_in_flight_then_clone_over_nvme_malloc() {
 fn snapshot_under_48_writes_in_flight_then_clone_over_nvme_aio_file() {
     run(Backing::AioFile);
 }
+
+/// Writes 16 KiB units at random over `clusters` clusters until told to
+/// stop; counts what completed how.
+struct Flood {
+    clusters: u64,
+    rng: u64,
+    stop: Arc<AtomicBool>,
+    acks: Arc<AtomicU64>,
+    errors: Arc<AtomicU64>,
+}
+
+impl Driver for Flood {
+    fn next(&mut self) -> Option<Cmd> {
+        if self.stop.load(Ordering::Acquire) {
+            return None;
+        }
+        self.rng ^= self.rng << 13;
+        self.rng ^= self.rng >> 7;
+        self.rng ^= self.rng << 17;
+        let unit = self.rng % (self.clusters * UNITS_PER_CLUSTER);
+        Some(Cmd {
+            lba: unit * UNIT_BLOCKS,
+            op: Op::Write(unit_data(unit, 1)),
+            tag: unit,
+        })
+    }
+
+    fn done(&mut self, d: Done) {
+        if d.ok {
+            self.acks.fetch_add(1, Ordering::AcqRel);
+        } else {
+            self.errors.fetch_add(1, Ordering::AcqRel);
+        }
+    }
+}
+
+/// SPDK deletes an lvol even while its bdev is open (an NVMe-oF
+/// namespace): the bdev is hot-removed first. Here the host has 32 writes
+/// in flight, most of them first writes allocating clusters, when the
+/// delete comes: the delete succeeds, every command completes (none
+/// hangs), and afterwards nothing of the lvol is left: not listed, no
+/// bdev, every cluster free again, and the store works and checks clean.
+#[test]
+fn deleting_an_exported_thin_lvol_under_first_writes_leaves_nothing() {
+    for backing in [Backing::Malloc, Backing::AioFile] {
+        let t = Target::start();
+        backing.create(&t, "B0", 64 * CLUSTER_BLOCKS, BS as u32);
+        t.ok(
+            "bdev_lvol_create_lvstore",
+            json!({"bdev_name": "B0", "lvs_name": "lvs0", "cluster_sz": CLUSTER}),
+        );
+        let total = free(&t);
+        let victim = t.ok(
+            "bdev_lvol_create",
+            json!({"lvs_name": "lvs0", "lvol_name": "victim", "size_in_mib": 32, "thin_provision": true}),
+        );
+        let victim = victim.as_str().unwrap().to_string();
+        let nqn = "nqn.2016-06.io.spdk:victim";
+        let addr = t.export_tcp(nqn, &victim);
+        let mut conn = nvme_io::connect(addr, nqn, 32);
+        let (stop, acks, errors) = (
+            Arc::new(AtomicBool::new(false)),
+            Arc::new(AtomicU64::new(0)),
+            Arc::new(AtomicU64::new(0)),
+        );
+        let mut flood = Flood {
+            clusters: 32,
+            rng: 0x9E37_79B9_7F4A_7C15,
+            stop: stop.clone(),
+            acks: acks.clone(),
+            errors: errors.clone(),
+        };
+        let (tx, rx) = std::sync::mpsc::channel();
+        let writer = std::thread::spawn(move || {
+            let conn = &mut conn;
+            let r = nvme_io::drive(&mut conn.io, 32, BS, &mut flood).map_err(|e| e.to_string());
+            let _ = tx.send(r);
+        });
+        wait_until("first writes", Duration::from_secs(60), || {
+            acks.load(Ordering::Acquire) >= 40
+        });
+        let r = t.call("bdev_lvol_delete", json!({"name": "lvs0/victim"}));
+        stop.store(true, Ordering::Release);
+        assert_eq!(r, Ok(json!(true)), "{backing:?}: delete under I/O");
+        let ended = rx
+            .recv_timeout(Duration::from_secs(30))
+            .unwrap_or_else(|_| panic!("{backing:?}: writes hang after the delete"));
+        writer.join().unwrap();
+        eprintln!(
+            "{backing:?}: {} writes acknowledged, {} failed, host saw {ended:?}",
+            acks.load(Ordering::Acquire),
+            errors.load(Ordering::Acquire)
+        );
+        assert_eq!(
+            t.call("bdev_get_bdevs", json!({"name": victim}))
+                .unwrap_err()["code"],
+            -19,
+            "{backing:?}"
+        );
+        let l = t.ok("bdev_lvol_get_lvols", json!({"lvs_name": "lvs0"}));
+        assert_eq!(l, json!([]), "{backing:?}");
+        assert_eq!(free(&t), total, "{backing:?}: clusters of the deleted lvol");
+        // The store still works.
+        t.ok(
+            "bdev_lvol_create",
+            json!({"lvs_name": "lvs0", "lvol_name": "after", "size_in_mib": 2, "thin_provision": true}),
+        );
+        t.ok(
+            "bdev_write",
+            json!({"name": "lvs0/after", "offset_blocks": 3, "data": common::hex(&[7u8; BS])}),
+        );
+        assert_eq!(free(&t), total - 1, "{backing:?}");
+        if backing == Backing::AioFile {
+            let file = t.dir.join("B0.img");
+            let report = bdev::module::lvol::check::check_file(&file).unwrap();
+            assert!(report.is_clean(), "{backing:?}:\n{report}");
+        }
+    }
+}
