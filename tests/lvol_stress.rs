@@ -131,6 +131,38 @@ fn check_listing(c: &mut Client, tally: &Mutex<Tally>) {
             }
         }
     }
+    // One answer is one moment: every parent and child an lvol names is
+    // in the same answer (a clone being created is not a snapshot's
+    // child before it exists, nor after its delete).
+    let all = c.call("bdev_get_bdevs", Value::Null).unwrap();
+    let names: BTreeSet<&str> = all
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|b| b["product_name"] == "Logical Volume")
+        .filter_map(|b| b["aliases"][0].as_str())
+        .map(|a| a.trim_start_matches("lvs0/"))
+        .collect();
+    for b in all.as_array().unwrap() {
+        let d = &b["driver_specific"]["lvol"];
+        if d.is_null() {
+            continue;
+        }
+        for c in d["clones"].as_array().into_iter().flatten() {
+            assert!(
+                names.contains(c.as_str().unwrap()),
+                "{} names clone {c}, which is not in the same answer",
+                b["aliases"][0]
+            );
+        }
+        if let Some(p) = d["base_snapshot"].as_str() {
+            assert!(
+                names.contains(p),
+                "{} names base snapshot {p}, which is not in the same answer",
+                b["aliases"][0]
+            );
+        }
+    }
     tally.lock().unwrap().listings += 1;
 }
 
