@@ -7,7 +7,8 @@
 //! of the snapshot; the origin reads the newest version of everything;
 //! allocated-cluster counts are exactly what the data says; a few writes
 //! to the clone take exactly that many clusters and leave the rest of
-//! each cluster as the snapshot has it. Over malloc and over an aio file.
+//! each cluster as the snapshot has it. Over malloc and over an aio file,
+//! `FERROPLANE_LVOL_COW_ROUNDS` times each (default 3).
 
 mod common;
 #[path = "common/nvme_io.rs"]
@@ -290,7 +291,10 @@ fn run(backing: Backing) {
     let region = CLUSTERS * CLUSTER_BLOCKS;
     let o = nvme_io::read(&mut conn.io, QD, BS, 0, region, 32);
     let c = nvme_io::read(&mut cconn.io, 32, BS, 0, region, 32);
-    let s = rpc_read(&t, &snap, 0, region);
+    // The snapshot too (read-only, exported as well).
+    let saddr = t.export_tcp("nqn.2016-06.io.spdk:cow-snap", &snap);
+    let mut sconn = nvme_io::connect(saddr, "nqn.2016-06.io.spdk:cow-snap", 32);
+    let s = nvme_io::read(&mut sconn.io, 32, BS, 0, region, 32);
     assert!(
         c == s,
         "{backing:?}: the clone does not read as its snapshot"
@@ -386,19 +390,37 @@ fn run(backing: Backing) {
         "{backing:?}: origin changed by writes to the clone"
     );
     assert!(
-        rpc_read(&t, &snap, 0, region) == s,
+        nvme_io::read(&mut sconn.io, 32, BS, 0, region, 32) == s,
         "{backing:?}: snapshot changed"
     );
+    // And over RPC, the snapshot's first cluster as NVMe read it.
+    assert!(
+        rpc_read(&t, &snap, 0, CLUSTER_BLOCKS) == s[..CLUSTER],
+        "{backing:?}: snapshot over RPC"
+    );
+}
+
+/// `FERROPLANE_LVOL_COW_ROUNDS` (default 3): each a new target, another
+/// moment for the snapshot.
+fn rounds() -> usize {
+    std::env::var("FERROPLANE_LVOL_COW_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3)
 }
 
 #[test]
 fn snapshot_under_48_writes_in_flight_then_clone_over_nvme_malloc() {
-    run(Backing::Malloc);
+    for _ in 0..rounds() {
+        run(Backing::Malloc);
+    }
 }
 
 #[test]
 fn snapshot_under_48_writes_in_flight_then_clone_over_nvme_aio_file() {
-    run(Backing::AioFile);
+    for _ in 0..rounds() {
+        run(Backing::AioFile);
+    }
 }
 
 /// Writes 16 KiB units at random over `clusters` clusters until told to
