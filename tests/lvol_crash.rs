@@ -1,8 +1,10 @@
 //! Lvol crash test (issue 11): the target is killed with SIGKILL at a
 //! random moment while hosts keep many verify writes in flight over
-//! NVMe/TCP to thin lvols on a file-backed store and another thread runs
-//! snapshots, clones, resizes and deletes (of clones, and of snapshots,
-//! which merges them into their one child). After the restart (`-c` with
+//! NVMe/TCP to thin lvols (two empty ones, and a clone of a snapshot that
+//! holds data, so its first writes copy) on a file-backed store and
+//! another thread runs snapshots, clones, resizes and deletes (of clones,
+//! and of snapshots, which merges them into their one child). After the
+//! restart (`-c` with
 //! the saved configuration, which re-creates only the aio bdev: the store
 //! is found by examine):
 //!
@@ -47,7 +49,11 @@ const CLUSTER: u64 = 1 << 20;
 const CLUSTER_BLOCKS: u64 = CLUSTER / BS as u64;
 /// The store's file: sparse, room for many copy-on-write generations.
 const FILE_BYTES: u64 = 256 << 20;
-const HEADS: usize = 2;
+/// Lvols the hosts write to: head0 and head1 start empty; head2 is a clone
+/// of a snapshot that holds a version of every unit, so its first writes
+/// copy from the snapshot.
+const HEADS: usize = 3;
+const CLONE_HEAD: usize = 2;
 const HEAD_MIB: u64 = 24;
 /// Resizes grow a head up to this.
 const HEAD_MAX_MIB: u64 = 40;
@@ -410,6 +416,40 @@ fn rpc_read(t: &Target, name: &str, lba: u64, blocks: u64) -> Vec<u8> {
     out
 }
 
+/// Head `h` as a clone: version 1 of every unit written to a template
+/// over NVMe, which is snapshotted ("base"); `head{h}` is a clone of that.
+fn clone_head(t: &Target, h: usize) -> String {
+    let tmpl = t.ok(
+        "bdev_lvol_create",
+        json!({"lvs_name": "lvs0", "lvol_name": "template",
+               "size_in_mib": HEAD_MIB, "thin_provision": true}),
+    );
+    let nqn = "nqn.2016-06.io.spdk:lvol-crash-template";
+    let addr = t.export_tcp(nqn, tmpl.as_str().unwrap());
+    let mut conn = nvme_io::connect(addr, nqn, 32);
+    let cmds = (0..UNITS)
+        .map(|u| Cmd {
+            lba: u * UNIT_BLOCKS,
+            op: Op::Write(unit_data(h, u, 1)),
+            tag: u,
+        })
+        .collect();
+    let mut b = nvme_io::Batch::new(cmds);
+    nvme_io::drive(&mut conn.io, 32, BS, &mut b).expect("template writes");
+    assert!(b.done.iter().all(|d| d.ok), "template writes");
+    drop(conn);
+    t.ok("nvmf_delete_subsystem", json!({"nqn": nqn}));
+    t.ok(
+        "bdev_lvol_snapshot",
+        json!({"lvol_name": "lvs0/template", "snapshot_name": "base"}),
+    );
+    let u = t.ok(
+        "bdev_lvol_clone",
+        json!({"snapshot_name": "lvs0/base", "clone_name": format!("head{h}")}),
+    );
+    u.as_str().unwrap().to_string()
+}
+
 fn cycles() -> usize {
     std::env::var("FERROPLANE_LVOL_CRASH_CYCLES")
         .ok()
@@ -452,6 +492,10 @@ fn round(round: usize, seed: u64, totals: &mut Totals) {
     );
     let mut heads = Vec::new();
     for h in 0..HEADS {
+        if h == CLONE_HEAD {
+            heads.push(clone_head(&t, h));
+            continue;
+        }
         let u = t.ok(
             "bdev_lvol_create",
             json!({"lvs_name": "lvs0", "lvol_name": format!("head{h}"),
@@ -460,9 +504,15 @@ fn round(round: usize, seed: u64, totals: &mut Totals) {
         heads.push(u.as_str().unwrap().to_string());
     }
     let states: Vec<Arc<Mutex<Vec<UnitState>>>> = (0..HEADS)
-        .map(|_| Arc::new(Mutex::new(vec![UnitState::default(); UNITS as usize])))
+        .map(|h| {
+            let first = UnitState {
+                acked: u64::from(h == CLONE_HEAD),
+                inflight: None,
+            };
+            Arc::new(Mutex::new(vec![first; UNITS as usize]))
+        })
         .collect();
-    let mut gens = [0u64; HEADS];
+    let mut gens: [u64; HEADS] = std::array::from_fn(|h| u64::from(h == CLONE_HEAD));
     let st = Arc::new(Mutex::new(Structure {
         sizes: vec![HEAD_MIB; HEADS],
         ..Structure::default()
