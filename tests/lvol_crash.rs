@@ -4,9 +4,8 @@
 //! holds data, so its first writes copy) on a file-backed store and
 //! another thread runs snapshots, clones, resizes and deletes (of clones,
 //! and of snapshots, which merges them into their one child). After the
-//! restart (`-c` with
-//! the saved configuration, which re-creates only the aio bdev: the store
-//! is found by examine):
+//! restart (`-c` with the saved configuration, which re-creates only the
+//! aio bdev: the store is found by examine):
 //!
 //! - the store loads, and the checker finds nothing on the file, both
 //!   right after the crash and after the restarted target is stopped;
