@@ -1,22 +1,25 @@
 //! SPEC §2 stress test for lvols: many RPC clients, each on its own
 //! connection, create, snapshot, clone, write, rename, resize, list and
-//! delete lvols in one
-//! store for a bounded time, with names drawn from small shared pools so
-//! that clients race on the same names all the time.
+//! delete lvols in one store for a bounded time, with names drawn from
+//! small shared pools so that clients race on the same names all the time.
 //!
 //! Checked while it runs: a listed lvol is complete (its bdev answers by
 //! UUID with the listed alias, unless a rename to its new alias ran in
 //! between; if it does not answer, it must be gone from the next listing
-//! too: deleted meanwhile, never half-made); no name is ever
-//! listed twice; a create of a taken name fails with -17 and nothing else;
-//! nothing fails with EIO. At the end and after a restart (SIGKILL, then
-//! `-c` with the saved aio bdev; the store comes back by examine): every
-//! listed lvol opens and reads, free clusters = total − the clusters the
-//! live lvols hold, the same set (UUIDs and names) reloads, and the
-//! checker finds nothing on the file.
+//! too: deleted meanwhile, never half-made); every parent and child one
+//! `bdev_get_bdevs` answer names is in that answer; no name is ever listed
+//! twice; a create of a taken name fails with -17 and nothing else;
+//! nothing fails with EIO but writes when the store is full (it is small,
+//! so thick creates and first writes run out of clusters now and then).
+//! At the end and after a restart (SIGKILL, then `-c` with the saved aio
+//! bdev; the store comes back by examine): every listed lvol opens and
+//! reads, free clusters = total − the clusters the live lvols hold, the
+//! same set (UUIDs and names) reloads, the store still takes writes, and
+//! the checker finds nothing on the file.
 //!
 //! `FERROPLANE_LVOL_STRESS_SECS` (default 20) sets how long the clients
-//! run; `FERROPLANE_LVOL_STRESS_CLIENTS` (default 8) how many.
+//! run; `FERROPLANE_LVOL_STRESS_CLIENTS` (default 8) how many;
+//! `FERROPLANE_LVOL_STRESS_SEED` repeats a run's choices.
 
 mod common;
 
@@ -32,7 +35,12 @@ use serde_json::{json, Value};
 const BS: usize = 4096;
 const CLUSTER: u64 = 1 << 20;
 const CLUSTER_BLOCKS: u64 = CLUSTER / BS as u64;
-const FILE_BYTES: u64 = 256 << 20;
+/// Small: thick creates and first writes run out of clusters now and
+/// then, so failures that must leave nothing behind happen too.
+const FILE_BYTES: u64 = 24 << 20;
+/// "Full" for a failed write: at most this many free clusters when asked
+/// just after (see [`store_full`]).
+const FULL_SLACK: u64 = 4;
 /// Names per pool (lvols, snapshots, clones), shared by every client.
 const POOL: u64 = 6;
 
@@ -176,7 +184,7 @@ fn client_loop(socket: &Path, seed: u64, stop: &AtomicBool, tally: &Mutex<Tally>
                 (
                     "bdev_lvol_create",
                     json!({"lvs_name": "lvs0", "lvol_name": format!("v{}", r.below(POOL)),
-                           "size_in_mib": 1 + r.below(4), "thin_provision": thin}),
+                           "size_in_mib": 1 + r.below(12), "thin_provision": thin}),
                 )
             }
             3 | 4 => (
@@ -239,8 +247,12 @@ fn client_loop(socket: &Path, seed: u64, stop: &AtomicBool, tally: &Mutex<Tally>
                 let msg = format!("{} {}", e["code"], e["message"]);
                 let mut shown = params.to_string();
                 shown.truncate(200);
+                // A thin write finding no free cluster fails (EIO, as SPDK
+                // fails the I/O); anything else failing with EIO means the
+                // store failed.
+                let full = method == "bdev_write" && store_full(&mut c);
                 assert!(
-                    !msg.contains("Input/output") && !msg.contains("Illegal byte"),
+                    full || !(msg.contains("Input/output") || msg.contains("Illegal byte")),
                     "{method} {shown}: {msg}"
                 );
                 if method == "bdev_lvol_create" && msg.contains("File exists") {
@@ -256,6 +268,16 @@ fn client_loop(socket: &Path, seed: u64, stop: &AtomicBool, tally: &Mutex<Tally>
             .entry((method.to_string(), outcome))
             .or_default() += 1;
     }
+}
+
+/// Whether the store has (almost) no free cluster: a write that needed
+/// one may have failed for lack of it (others free and take clusters all
+/// the time, so "almost").
+fn store_full(c: &mut Client) -> bool {
+    let s = c
+        .call("bdev_lvol_get_lvstores", json!({"lvs_name": "lvs0"}))
+        .unwrap();
+    s[0]["free_clusters"].as_u64().unwrap() <= FULL_SLACK
 }
 
 /// Every lvol listed: (uuid, name), each checked to open, read and answer
@@ -393,6 +415,13 @@ fn concurrent_clients_racing_on_names_never_see_half_made_lvols() {
     );
 
     let before = final_check(&t, "at the end");
+    assert!(
+        tally
+            .outcomes
+            .keys()
+            .any(|(_, o)| o.contains("No space left")),
+        "the store never filled up"
+    );
     eprintln!("{} lvols at the end", before.len());
     t.signal(libc::SIGKILL);
     drop(t);
@@ -400,6 +429,24 @@ fn concurrent_clients_racing_on_names_never_see_half_made_lvols() {
     t.ok("bdev_wait_for_examine", Value::Null);
     let after = final_check(&t, "after the restart");
     assert_eq!(before, after, "a different set reloaded");
+    // Not poisoned by the failed writes: a new lvol takes a write.
+    t.ok(
+        "bdev_lvol_create",
+        json!({"lvs_name": "lvs0", "lvol_name": "probe", "size_in_mib": 1, "thin_provision": true}),
+    );
+    let st = t.ok("bdev_lvol_get_lvstores", json!({"lvs_name": "lvs0"}));
+    if st[0]["free_clusters"].as_u64().unwrap() > 0 {
+        let d = vec![0x3Cu8; BS];
+        t.ok(
+            "bdev_write",
+            json!({"name": "lvs0/probe", "offset_blocks": 1, "data": hex(&d)}),
+        );
+        let r = t.ok(
+            "bdev_read",
+            json!({"name": "lvs0/probe", "offset_blocks": 1, "num_blocks": 1}),
+        );
+        assert_eq!(r["data"], hex(&d));
+    }
     drop(t);
     check_file(&file, "after the restart");
     let _ = std::fs::remove_dir_all(&dir);
