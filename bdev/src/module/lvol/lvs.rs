@@ -822,9 +822,33 @@ where
 /// Renames lvol `id`: the store, then its bdev's alias.
 pub async fn rename_lvol(lvs: &Rc<Lvs>, id: u64, name: &str) -> Result<(), LvolError> {
     let _op = lvs.op_lock.lock().await;
-    lvs.store.rename_lvol(id, name).await?;
-    update_alias(lvs, id);
-    Ok(())
+    let commit = lvs.store.rename_lvol(id, name);
+    with_model_applied(commit, || update_alias(lvs, id)).await
+}
+
+/// Awaits a store operation, running `then` as soon as the operation has
+/// applied itself to the store's model (its first poll: validation and the
+/// model change are one synchronous step, see the module docs of
+/// `lvol`), not once it is durable. So what reads the model (listings,
+/// `driver_specific`) and what reads the registry (aliases, lookups by
+/// name) never disagree between the two (SPEC §2). Not run when the
+/// operation is refused at once.
+async fn with_model_applied(
+    op: impl std::future::Future<Output = Result<(), LvolError>>,
+    then: impl FnOnce(),
+) -> Result<(), LvolError> {
+    let mut op = std::pin::pin!(op);
+    match futures_lite::future::poll_once(op.as_mut()).await {
+        Some(Err(e)) => Err(e),
+        Some(Ok(())) => {
+            then();
+            Ok(())
+        }
+        None => {
+            then();
+            op.await
+        }
+    }
 }
 
 fn update_alias(lvs: &Lvs, id: u64) {
@@ -841,12 +865,14 @@ pub async fn rename_store(lvs: &Rc<Lvs>, name: &str) -> Result<(), LvolError> {
     if name != lvs.store.info().name && name_in_use(name) {
         return Err(LvolError::Exists(format!("lvol store {name} exists")));
     }
-    lvs.store.rename_store(name).await?;
-    let ids: Vec<u64> = lvs.bdevs.borrow().keys().copied().collect();
-    for id in ids {
-        update_alias(lvs, id);
-    }
-    Ok(())
+    let commit = lvs.store.rename_store(name);
+    with_model_applied(commit, || {
+        let ids: Vec<u64> = lvs.bdevs.borrow().keys().copied().collect();
+        for id in ids {
+            update_alias(lvs, id);
+        }
+    })
+    .await
 }
 
 /// Resizes lvol `id` (quiesced: its table is replaced) and its bdev.
@@ -916,20 +942,14 @@ pub fn driver_specific(key: LvolKey) -> Option<Value> {
     );
     let snapshot = is_snapshot(&l);
     o.insert("snapshot".into(), json!(snapshot));
-    let clone = matches!(l.parent, Parent::Lvol(_));
-    o.insert("clone".into(), json!(clone));
-    if let Parent::Lvol(p) = &l.parent {
-        if let Some(p) = lvs.store.lvol(*p) {
-            o.insert("base_snapshot".into(), json!(p.name));
-        }
+    let parent = visible_parent(&lvs, &l);
+    o.insert("clone".into(), json!(parent.is_some()));
+    if let Some(p) = parent {
+        o.insert("base_snapshot".into(), json!(p.name));
     }
-    if snapshot && !l.children.is_empty() {
-        let names: Vec<String> = l
-            .children
-            .iter()
-            .filter_map(|c| lvs.store.lvol(*c).map(|c| c.name))
-            .collect();
-        o.insert("clones".into(), json!(names));
+    let children = visible_children(&lvs, &l);
+    if snapshot && !children.is_empty() {
+        o.insert("clones".into(), json!(children));
     }
     let esnap = matches!(l.parent, Parent::External { .. });
     o.insert("esnap_clone".into(), json!(esnap));
@@ -940,6 +960,57 @@ pub fn driver_specific(key: LvolKey) -> Option<Value> {
         );
     }
     Some(json!({ "lvol": Value::Object(o) }))
+}
+
+/// Whether lvol `id`'s bdev is registered: whether the lvol exists for
+/// everyone outside the store (a create or snapshot registers it after its
+/// commit; a delete unregisters it before).
+fn visible(lvs: &Lvs, id: u64) -> bool {
+    lvs.bdevs.borrow().contains_key(&id)
+}
+
+/// The parent of `l` as observers see it: its nearest ancestor that is
+/// visible. While a snapshot of `l` registers, that is `l`'s parent from
+/// before; while `l`'s parent is being deleted (merged), the one after.
+/// The tree in `bdev_get_bdevs` and `bdev_lvol_get_lvols` thus never
+/// names an lvol that is not there yet or any more (SPEC §2).
+pub fn visible_parent(lvs: &Lvs, l: &LvolInfo) -> Option<LvolInfo> {
+    let mut p = l.parent.clone();
+    // The store has no cycles; `seen` only keeps a damaged one finite.
+    let mut seen = HashSet::new();
+    while let Parent::Lvol(id) = p {
+        if !seen.insert(id) {
+            return None;
+        }
+        let pl = lvs.store.lvol(id)?;
+        if visible(lvs, id) {
+            return Some(pl);
+        }
+        p = pl.parent;
+    }
+    None
+}
+
+/// The children of `l` as observers see them: its nearest visible
+/// descendants (see [`visible_parent`]).
+pub fn visible_children(lvs: &Lvs, l: &LvolInfo) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut todo: Vec<u64> = l.children.iter().rev().copied().collect();
+    let mut seen = HashSet::new();
+    while let Some(id) = todo.pop() {
+        if !seen.insert(id) {
+            continue;
+        }
+        let Some(c) = lvs.store.lvol(id) else {
+            continue;
+        };
+        if visible(lvs, id) {
+            out.push(c.name);
+        } else {
+            todo.extend(c.children.iter().rev());
+        }
+    }
+    out
 }
 
 /// Snapshots are the read-only lvols (SPDK also calls a read-only lvol a

@@ -205,7 +205,7 @@ fn lvol_json(lvs: &Lvs, id: u64) -> Option<Value> {
         "creation_time": l.creation_time,
         "is_thin_provisioned": l.thin,
         "is_snapshot": lvs::is_snapshot(&l),
-        "is_clone": matches!(l.parent, super::disk::Parent::Lvol(_)),
+        "is_clone": lvs::visible_parent(lvs, &l).is_some(),
         "is_esnap_clone": matches!(l.parent, super::disk::Parent::External { .. }),
         "is_degraded": false,
         "lvs": {"name": info.name, "uuid": info.uuid.hyphenated().to_string()},
