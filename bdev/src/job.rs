@@ -22,7 +22,8 @@
 //!   runner counts steps that ran past the budget in
 //!   [`JobProgress::over_budget`]).
 //! - With a rate limit of `r` units (or bytes) per second, the work done
-//!   `t` seconds after the start never exceeds `r * t` plus one step.
+//!   `t` seconds after the start never exceeds `r * t` plus one step (the
+//!   pace is measured from the start, also when [`Job::rate`] changes it).
 //! - The job's buffers ([`JobOptions::buffers`]) come from this core's
 //!   pool once, at the start, and are reused by every step
 //!   ([`StepCx::take_buf`], [`StepCx::put_buf`]) until the job ends.
@@ -63,6 +64,12 @@ pub trait Job: 'static {
 
     /// Does one bounded step and awaits its I/O. An error ends the job.
     fn step(&mut self, cx: &mut StepCx) -> impl Future<Output = Result<Step<Self::Output>>>;
+
+    /// A rate limit that may change while the job runs (a setting), asked
+    /// before every step; None: [`JobOptions::rate`].
+    fn rate(&self) -> Option<RateLimit> {
+        None
+    }
 }
 
 /// Caps the pace of a job.
@@ -72,7 +79,7 @@ pub enum RateLimit {
     BytesPerSec(u64),
 }
 
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct JobOptions {
     /// Steps run back to back for at most this long before the runner
     /// yields.
@@ -80,6 +87,10 @@ pub struct JobOptions {
     pub rate: Option<RateLimit>,
     /// `(count, bytes)`: buffers the job owns for its lifetime.
     pub buffers: (usize, usize),
+    /// The token to run under (None: a fresh one). A caller may hold its
+    /// own [`reactor::WorkGuard`] on it, so that a cancel also waits for
+    /// follow-up work after the job (recording the result).
+    pub cancel: Option<CancelToken>,
 }
 
 impl Default for JobOptions {
@@ -88,6 +99,7 @@ impl Default for JobOptions {
             budget: DEFAULT_TURN_BUDGET,
             rate: None,
             buffers: (0, 0),
+            cancel: None,
         }
     }
 }
@@ -215,10 +227,11 @@ where
     J: Job,
     F: FnOnce() -> Result<J> + Send + 'static,
 {
-    let token = CancelToken::new();
+    let token = opts.cancel.clone().unwrap_or_default();
     let progress = Arc::new(JobProgress::default());
     let (tx, rx) = reactor::completion();
-    // A fresh token is never cancelled; None only if that changed.
+    // None: the token was already cancelled; the job stops before its
+    // first step.
     let guard = token.begin().ok();
     let (t, p) = (token.clone(), progress.clone());
     let sent = reactor::send(core, move || {
@@ -270,7 +283,8 @@ where
             if token.is_cancelled() {
                 return Ok(JobEnd::Cancelled);
             }
-            if let Some(wait) = rate_wait(opts.rate, units, bytes, started.elapsed()) {
+            let rate = job.rate().or(opts.rate);
+            if let Some(wait) = rate_wait(rate, units, bytes, started.elapsed()) {
                 reactor::sleep(wait).await;
                 break;
             }

@@ -220,22 +220,24 @@ fn foreground_io_on_the_jobs_core_is_served_while_it_runs() {
             })
         });
         let ch = m.get_channel();
-        let mut worst = Duration::ZERO;
-        let mut writes = 0;
+        let mut waits = Vec::new();
         let data = vec![5u8; 4 * BS];
         while job.state() == JobState::Running {
             let t = Instant::now();
             ch.write(0, &data).await.unwrap();
-            worst = worst.max(t.elapsed());
-            writes += 1;
+            waits.push(t.elapsed());
         }
-        // A write waits for at most a turn (500 us) plus a step; allow a lot
-        // for a loaded machine, far below the job's 200 ms.
-        assert!(writes > 20, "only {writes} writes while the job ran");
+        // A write waits for at most a turn (500 us) plus a step. Judged by
+        // the median, since on a loaded machine the OS may stall any one;
+        // without yielding between turns no write completes until the end.
         assert!(
-            worst < Duration::from_millis(40),
-            "a write waited {worst:?}"
+            waits.len() > 20,
+            "only {} writes while the job ran",
+            waits.len()
         );
+        waits.sort_unstable();
+        let median = waits[waits.len() / 2];
+        assert!(median < Duration::from_millis(5), "median wait {median:?}");
         job.wait().await.unwrap();
     });
 }

@@ -3,7 +3,10 @@
 //! Owns the [`Bdev`] trait and per-core I/O channels, the registry and the
 //! bdev lifecycle (reserve, register, examine, open, claim, unregister),
 //! per-bdev I/O statistics, the JSON-RPC method table shared by every
-//! crate, and the bdev modules under `module/`.
+//! crate, and the bdev modules under `module/`. Framework services every
+//! module uses: LBA range locks and quiesce ([`range_lock`]), exclusive
+//! and shared read-only claims ([`registry::ClaimType`]), and the
+//! background job runner ([`job`]).
 
 pub mod error;
 pub mod rpc;

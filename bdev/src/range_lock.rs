@@ -30,6 +30,14 @@
 //! - Split pieces are not checked: their parent was, and it stays in the
 //!   channel until they are done.
 //!
+//! Use from a module: a lock waits for the I/O it covers that is already
+//! in the bdev, so a module must not await a lock on its own bdev while it
+//! holds an overlapping I/O of that bdev (it would wait for itself). Lock
+//! the bdev below it instead (submitting its own I/O there as the owner),
+//! or take the lock from a control task before the I/O that needs it is
+//! admitted (the RAID rebuild locks its windows on the RAID bdev from the
+//! rebuild job; its copy goes to the members, not through the lock).
+//!
 //! Cost: a channel with no lock pays nothing beyond the one flag test it
 //! already makes for I/O shaping (`gate`); a channel with a lock records
 //! each admitted I/O's range in a per-channel slab (no allocation once it

@@ -420,3 +420,170 @@ fn writes_to_a_locked_malloc_range_land_after_unlock_in_order() {
         assert_eq!(&data[4 * BS..12 * BS], &vec![7u8; 8 * BS][..]);
     });
 }
+
+/// Over a file (uring), with writes in flight from both cores all along:
+/// a locked window reads the same twice with a pause between, the owner's
+/// own write reads back as written, and every foreground write succeeds.
+#[test]
+fn a_locked_window_of_a_file_bdev_stays_still_under_writes_from_every_core() {
+    let dir = std::env::temp_dir().join(format!("fp-rlock-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("disk.img");
+    std::fs::File::create(&file)
+        .unwrap()
+        .set_len(256 * 4096)
+        .unwrap();
+    let f2 = file.clone();
+    run(move || async move {
+        use crate::module::uring::{rpc::create, CreatedBy, UringOptions};
+        create(UringOptions {
+            name: "L_file".into(),
+            filename: f2,
+            block_size: 4096,
+            uuid: None,
+            readonly: false,
+            created_by: CreatedBy::Uring,
+        })
+        .await
+        .unwrap();
+        let b = registry::lookup("L_file").unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let written = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let failed = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let running = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        // Eight writers per core, one block each at a pseudo-random place.
+        for core in reactor::cores() {
+            let (b, stop, written, failed, running) = (
+                b.clone(),
+                stop.clone(),
+                written.clone(),
+                failed.clone(),
+                running.clone(),
+            );
+            reactor::call(core, move || {
+                for w in 0..8u64 {
+                    let (b, stop, written, failed, running) = (
+                        b.clone(),
+                        stop.clone(),
+                        written.clone(),
+                        failed.clone(),
+                        running.clone(),
+                    );
+                    running.fetch_add(1, Ordering::SeqCst);
+                    reactor::spawn_local(async move {
+                        let ch = b.get_channel();
+                        let mut x = w * 7919 + reactor::current_core().0 as u64 * 104729 + 1;
+                        while !stop.load(Ordering::SeqCst) {
+                            x = x
+                                .wrapping_mul(6364136223846793005)
+                                .wrapping_add(1442695040888963407);
+                            let blk = (x >> 33) % 256;
+                            let data = vec![(x >> 40) as u8 | 1; 4096];
+                            match ch.write(blk, &data).await {
+                                Ok(()) => written.fetch_add(1, Ordering::SeqCst),
+                                Err(_) => failed.fetch_add(1, Ordering::SeqCst),
+                            };
+                        }
+                        running.fetch_sub(1, Ordering::SeqCst);
+                    });
+                }
+            })
+            .await
+            .unwrap();
+        }
+        let ch = b.get_channel();
+        let done = Rc::new(Done::default());
+        for round in 0..20u64 {
+            let at = (round * 37) % 240;
+            let before = written.load(Ordering::SeqCst);
+            let lock = RangeLock::acquire(&b, at, 16, LockKind::Writes)
+                .await
+                .unwrap();
+            let first = ch.read(at, 16).await.unwrap();
+            reactor::sleep(Duration::from_millis(3)).await;
+            let second = ch.read(at, 16).await.unwrap();
+            assert!(
+                first == second,
+                "round {round}: a write got into the window"
+            );
+            // The owner writes through its lock.
+            let mut own = IoBox::with(IoType::Write, at, 16, IoBuf::zeroed(16 * 4096));
+            own.buf.as_mut_slice().fill(round as u8 * 2);
+            own.tag = round;
+            lock.submit(&ch, own, done.clone());
+            wait_done(&done, round as usize + 1).await;
+            assert_eq!(done.0.borrow()[round as usize].1, IoStatus::Success);
+            let back = ch.read(at, 16).await.unwrap();
+            assert!(back.iter().all(|&x| x == round as u8 * 2), "round {round}");
+            lock.unlock().await;
+            assert!(
+                written.load(Ordering::SeqCst) > before,
+                "writers kept going"
+            );
+        }
+        stop.store(true, Ordering::SeqCst);
+        while running.load(Ordering::SeqCst) > 0 {
+            reactor::sleep(Duration::from_millis(1)).await;
+        }
+        assert_eq!(failed.load(Ordering::SeqCst), 0, "no write failed");
+        assert!(written.load(Ordering::SeqCst) > 100);
+    });
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn held_io_is_split_after_unlock_and_unregister_waits_for_the_lock() {
+    run(|| async {
+        let req = IoRequirements {
+            max_transfer_blocks: 4,
+            ..IoRequirements::default()
+        };
+        let (b, st) = probe("L_split", req).await;
+        let ch = b.get_channel();
+        let done = Rc::new(Done::default());
+        let lock = RangeLock::acquire(&b, 0, 64, LockKind::Writes)
+            .await
+            .unwrap();
+        ch.submit(io(IoType::Write, 2, 10, 1), done.clone());
+        settle().await;
+        assert!(st.log.lock().unwrap().is_empty());
+        drop(lock);
+        wait_done(&done, 1).await;
+        assert!(done.0.borrow()[0].1.is_success());
+        let pieces: Vec<(u64, u64)> = st.log.lock().unwrap().iter().map(|e| (e.2, e.3)).collect();
+        assert_eq!(
+            pieces,
+            vec![(2, 4), (6, 4), (10, 2)],
+            "split after the lock"
+        );
+        // A write held by a lock keeps unregister waiting; once the lock
+        // goes, it is failed (the bdev is going) and unregister finishes.
+        let lock = RangeLock::acquire(&b, 0, 64, LockKind::Writes)
+            .await
+            .unwrap();
+        ch.submit(io(IoType::Write, 0, 1, 2), done.clone());
+        let finished = Rc::new(std::cell::Cell::new(false));
+        let f = finished.clone();
+        reactor::spawn_local(async move {
+            registry::unregister("L_split", None).await.unwrap();
+            f.set(true);
+        });
+        settle().await;
+        assert!(!finished.get());
+        assert!(matches!(
+            RangeLock::acquire(&b, 100, 1, LockKind::Writes).await,
+            Err(crate::BdevError::NoDevice(_))
+        ));
+        drop(lock);
+        wait_done(&done, 2).await;
+        assert_eq!(done.0.borrow()[1].1, IoStatus::Failed);
+        drop(ch);
+        for _ in 0..5000 {
+            if finished.get() {
+                break;
+            }
+            reactor::sleep(Duration::from_micros(200)).await;
+        }
+        assert!(finished.get());
+    });
+}

@@ -1,7 +1,10 @@
 //! Rebuilding a raid1 member, and what happens when a member fails.
 //!
-//! A rebuild is a task on the main reactor that copies the data region
-//! from an operational member to the target one [`STEP_BYTES`] at a time.
+//! A rebuild is a [`crate::job`] on the main reactor that copies the data
+//! region from an operational member to the target one [`STEP_BYTES`] at
+//! a time (one step per window, through one buffer reused for the whole
+//! rebuild; `bdev_raid_set_options`' bandwidth cap is the job's rate
+//! limit).
 //! Each step takes a writes range lock ([`RangeLock`]) of its range (the
 //! rebuild window) on the RAID bdev: foreground writes that overlap it wait
 //! in their channel until the step is done, and the copy starts only once
@@ -13,9 +16,6 @@
 //! window's lock also gives way to a cancel: a raid1 write held for a
 //! superblock keeps the lock waiting, and the superblock write that
 //! releases it may first cancel this rebuild (`member_failed`).
-//!
-//! Next step: the framework's job runner (`crate::job`) is the natural
-//! home for this loop (steps, budget, progress, rate limit, cancel).
 
 use std::cell::RefCell;
 use std::collections::BTreeMap;
@@ -25,6 +25,9 @@ use std::sync::Arc;
 use reactor::CancelToken;
 
 use super::{MemberState, RaidShared};
+use crate::bdev::BdevHandle;
+use crate::io::{IoBox, IoType};
+use crate::job::{self, Job, JobEnd, JobOptions, RateLimit, Step, StepCx};
 use crate::range_lock::{LockKind, RangeLock};
 
 /// How often a window's lock wait looks at the cancel token.
@@ -61,22 +64,39 @@ thread_local! {
     static RUNNING: RefCell<BTreeMap<String, CancelToken>> = const { RefCell::new(BTreeMap::new()) };
 }
 
-/// Starts rebuilding slot `target` of `shared` (already `Rebuilding`).
+/// Starts rebuilding slot `target` of `shared` (already `Rebuilding`): a
+/// [`crate::job`] on the main reactor, then the result recorded.
 pub(super) fn start(shared: Arc<RaidShared>, target: usize) {
     let token = CancelToken::new();
+    // Held until the result is recorded, so a cancel waits for that too.
     let Ok(guard) = token.begin() else { return };
     RUNNING.with(|r| r.borrow_mut().insert(shared.name.clone(), token.clone()));
+    let window = WINDOW_BYTES
+        .load(Ordering::Relaxed)
+        .max(shared.block_size as u64);
+    let step = window / shared.block_size as u64;
+    let opts = JobOptions {
+        buffers: (1, (step * shared.block_size as u64) as usize),
+        cancel: Some(token),
+        ..JobOptions::default()
+    };
+    let s = shared.clone();
+    let job = job::spawn(reactor::current_core(), opts, move || {
+        Rebuild::new(s, target, step)
+    });
     reactor::spawn_local(async move {
-        let result = copy_all(&shared, target, &token).await;
+        let result = job.wait().await;
         shared.rebuild.active.store(false, Ordering::Release);
         RUNNING.with(|r| r.borrow_mut().remove(&shared.name));
         match result {
-            Ok(true) => {
+            Ok(JobEnd::Done(())) => {
                 shared.set_state(target, MemberState::Operational);
                 log::info!("raid {}: rebuild of slot {target} done", shared.name);
                 let _ = super::write_superblock(&shared, false).await;
             }
-            Ok(false) => log::info!("raid {}: rebuild of slot {target} cancelled", shared.name),
+            Ok(JobEnd::Cancelled) => {
+                log::info!("raid {}: rebuild of slot {target} cancelled", shared.name)
+            }
             Err(e) => {
                 log::warn!("raid {}: rebuild of slot {target} failed: {e}", shared.name);
             }
@@ -93,46 +113,72 @@ pub(super) async fn cancel(name: &str) {
     }
 }
 
-/// Copies the whole data region; Ok(false) when cancelled.
-async fn copy_all(
-    shared: &Arc<RaidShared>,
+/// The rebuild as a job: one window per step.
+struct Rebuild {
+    shared: Arc<RaidShared>,
     target: usize,
-    token: &CancelToken,
-) -> crate::Result<bool> {
-    let rb = &shared.rebuild;
-    let bs = shared.block_size as u64;
-    let total = shared.data_size;
-    let step = (WINDOW_BYTES.load(Ordering::Relaxed) / bs).max(1);
-    let started = std::time::Instant::now();
-    rb.slot.store(target as u64, Ordering::Release);
-    rb.total_blocks.store(total, Ordering::Release);
-    rb.done_blocks.store(0, Ordering::Release);
-    rb.active.store(true, Ordering::Release);
-    // The windows are locked on the RAID bdev itself: its channels hold
-    // the foreground writes (raid1 block x is member data block x).
-    let raid = crate::registry::lookup(&shared.name)
-        .filter(|b| b.module() == super::MODULE)
-        .ok_or_else(|| crate::BdevError::NoDevice(shared.name.clone()))?;
-    let total = total.min(raid.num_blocks());
-    log::info!(
-        "raid {}: rebuilding slot {target}, {total} blocks",
-        shared.name
-    );
-    let mut at = 0;
-    while at < total {
-        if token.is_cancelled() {
-            return Ok(false);
+    /// The windows are locked on the RAID bdev itself: its channels hold
+    /// the foreground writes (raid1 block x is member data block x).
+    raid: BdevHandle,
+    at: u64,
+    total: u64,
+    step: u64,
+}
+
+impl Rebuild {
+    fn new(shared: Arc<RaidShared>, target: usize, step: u64) -> crate::Result<Rebuild> {
+        let raid = crate::registry::lookup(&shared.name)
+            .filter(|b| b.module() == super::MODULE)
+            .ok_or_else(|| crate::BdevError::NoDevice(shared.name.clone()))?;
+        let total = shared.data_size.min(raid.num_blocks());
+        let rb = &shared.rebuild;
+        rb.slot.store(target as u64, Ordering::Release);
+        rb.total_blocks.store(total, Ordering::Release);
+        rb.done_blocks.store(0, Ordering::Release);
+        rb.active.store(true, Ordering::Release);
+        log::info!(
+            "raid {}: rebuilding slot {target}, {total} blocks",
+            shared.name
+        );
+        Ok(Rebuild {
+            shared,
+            target,
+            raid,
+            at: 0,
+            total,
+            step: step.max(1),
+        })
+    }
+}
+
+impl Job for Rebuild {
+    type Output = ();
+
+    fn total_units(&self) -> u64 {
+        self.total
+    }
+
+    /// `bdev_raid_set_options`' cap, which may change during the rebuild.
+    fn rate(&self) -> Option<RateLimit> {
+        let cap = MAX_BANDWIDTH.load(Ordering::Relaxed);
+        (cap > 0).then_some(RateLimit::BytesPerSec(cap))
+    }
+
+    /// Copies the next window under its range lock.
+    async fn step(&mut self, cx: &mut StepCx) -> crate::Result<Step<()>> {
+        if self.at >= self.total {
+            return Ok(Step::Done(()));
         }
-        if shared.state(target) != MemberState::Rebuilding {
+        if self.shared.state(self.target) != MemberState::Rebuilding {
             return Err(crate::BdevError::Io);
         }
-        let n = step.min(total - at);
-        // Lock the window: resolves once the writes admitted before it
-        // are done; a cancel meanwhile withdraws it.
+        let (at, n) = (self.at, self.step.min(self.total - self.at));
+        // Resolves once the writes admitted before it are done; a cancel
+        // meanwhile withdraws it and the runner stops at this boundary.
         let lock = futures_lite::future::or(
-            async { Some(RangeLock::acquire(&raid, at, n, LockKind::Writes).await) },
+            async { Some(RangeLock::acquire(&self.raid, at, n, LockKind::Writes).await) },
             async {
-                while !token.is_cancelled() {
+                while !cx.is_cancelled() {
                     reactor::sleep(CANCEL_POLL).await;
                 }
                 None
@@ -140,29 +186,33 @@ async fn copy_all(
         )
         .await;
         let Some(lock) = lock else {
-            return Ok(false);
+            return Ok(Step::Progress { units: 0, bytes: 0 });
         };
         let lock = lock?;
-        let copied = copy_step(shared, target, at, n).await;
+        let copied = copy_step(&self.shared, self.target, at, n, cx).await;
         lock.unlock().await;
         copied?;
-        at += n;
-        rb.done_blocks.store(at, Ordering::Release);
-        // Yield to foreground work between steps; keep under the cap.
-        let cap = MAX_BANDWIDTH.load(Ordering::Relaxed);
-        let due =
-            (cap > 0).then(|| std::time::Duration::from_secs_f64((at * bs) as f64 / cap as f64));
-        match due.and_then(|d| d.checked_sub(started.elapsed())) {
-            Some(wait) => reactor::sleep(wait).await,
-            None => futures_lite::future::yield_now().await,
-        }
+        self.at += n;
+        self.shared
+            .rebuild
+            .done_blocks
+            .store(self.at, Ordering::Release);
+        Ok(Step::Progress {
+            units: n,
+            bytes: n * self.shared.block_size as u64,
+        })
     }
-    Ok(true)
 }
 
 /// Copies blocks `[at, at+n)` of the data region from an operational
-/// member to `target`.
-async fn copy_step(shared: &Arc<RaidShared>, target: usize, at: u64, n: u64) -> crate::Result<()> {
+/// member to `target` through the job's buffer.
+async fn copy_step(
+    shared: &Arc<RaidShared>,
+    target: usize,
+    at: u64,
+    n: u64,
+    cx: &mut StepCx,
+) -> crate::Result<()> {
     let (source, dest) = {
         let members = shared.members.lock().unwrap_or_else(|e| e.into_inner());
         let source = (0..members.len())
@@ -173,9 +223,24 @@ async fn copy_step(shared: &Arc<RaidShared>, target: usize, at: u64, n: u64) -> 
     let (Some(source), Some(dest)) = (source, dest) else {
         return Err(crate::BdevError::Io);
     };
+    let buf = cx.take_buf().ok_or(crate::BdevError::NoMemory)?;
     let off = shared.data_offset + at;
-    let data = source.get_channel().read(off, n).await?;
-    dest.get_channel().write(off, &data).await
+    let mut io = source
+        .get_channel()
+        .submit_wait(IoBox::with(IoType::Read, off, n, buf))
+        .await;
+    let read_ok = io.status().is_success();
+    if read_ok {
+        io.io_type = IoType::Write;
+        io = dest.get_channel().submit_wait(io).await;
+    }
+    let ok = read_ok && io.status().is_success();
+    cx.put_buf(io.take_buf());
+    if ok {
+        Ok(())
+    } else {
+        Err(crate::BdevError::Io)
+    }
 }
 
 /// A member failed an I/O (reported by a channel): release it, stop a
