@@ -212,10 +212,10 @@ impl Job for Spin {
 fn foreground_io_on_the_jobs_core_is_served_while_it_runs() {
     run(|| async {
         let m = malloc("F_m", 256, BS as u32).await;
-        // 1000 steps of 200 us: 200 ms of CPU on this core.
+        // 300 steps of 200 us: 60 ms of CPU on this core.
         let job = spawn(reactor::current_core(), JobOptions::default(), || {
             Ok(Spin {
-                left: 1000,
+                left: 300,
                 each: Duration::from_micros(200),
             })
         });
