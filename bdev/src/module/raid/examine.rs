@@ -38,6 +38,10 @@ struct Assembly {
     grace_started: bool,
 }
 
+/// How often a returned member waiting for another member's rebuild to
+/// end looks again (control path; rebuilds take seconds).
+const REBUILD_QUEUE_POLL: std::time::Duration = std::time::Duration::from_millis(100);
+
 thread_local! {
     static ASSEMBLIES: RefCell<BTreeMap<Uuid, Assembly>> = const { RefCell::new(BTreeMap::new()) };
     static INSTALLED: Cell<bool> = const { Cell::new(false) };
@@ -102,6 +106,24 @@ async fn examine(b: BdevHandle) {
             members.get(slot).is_some_and(|m| m.bdev.is_none())
         };
         if online && free && shared.level == Level::Raid1 {
+            // One rebuild at a time: a member that returns while another
+            // is rebuilt waits for its turn (in the background, so examine
+            // is not held up), then is rebuilt too.
+            if shared.rebuild.active.load(std::sync::atomic::Ordering::Acquire) {
+                let (shared, b, name) = (shared.clone(), b.clone(), sb.name.clone());
+                reactor::spawn_local(async move {
+                    while shared.rebuild.active.load(std::sync::atomic::Ordering::Acquire) {
+                        reactor::sleep(REBUILD_QUEUE_POLL).await;
+                    }
+                    if b.is_removed() || super::with_raids(|r| r.get(&name).is_none()) {
+                        return;
+                    }
+                    if let Err(e) = super::add_member(&shared, &b, slot).await {
+                        log::warn!("raid {name}: re-adding {}: {e}", b.name());
+                    }
+                });
+                return;
+            }
             if let Err(e) = super::add_member(&shared, &b, slot).await {
                 log::warn!("raid {}: re-adding {}: {e}", sb.name, b.name());
             }
