@@ -14,6 +14,7 @@ fn opts(name: &str, base: &str, read_us: u64, write_us: u64) -> DelayOptions {
         p99_read_latency: read_us,
         avg_write_latency: write_us,
         p99_write_latency: write_us,
+        hold_writes: false,
     }
 }
 
