@@ -18,6 +18,13 @@
 //! - Clusters freed by a delete are cleared (per the lvol's clear method)
 //!   before the delete commits, so a cluster is never cleared after
 //!   another lvol may have been given it.
+//! - Clusters a whole-cluster unmap or write-zeroes releases ([`release`])
+//!   are cleared and released while no I/O to them is in flight on any
+//!   core and none can start (the barrier in `vbdev`), so no late write
+//!   lands in, and no late read returns, another lvol's data. Releases run
+//!   one at a time per store and never take `op_lock`: a structural
+//!   operation quiesces the lvol, which waits for the unmap in flight and
+//!   so for its release.
 
 use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap, HashSet};
