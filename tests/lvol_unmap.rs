@@ -363,6 +363,39 @@ fn hammer_a(mut io: HostQueue, unmap: bool, stop: Arc<AtomicBool>) -> u64 {
     rounds
 }
 
+/// Lvol A gets single-block writes with `QD` always in flight (not in
+/// rounds, so some arrive while a release is under way), until `stop`.
+fn stream_a(mut io: HostQueue, stop: Arc<AtomicBool>) -> u64 {
+    const QD: u16 = 16;
+    let mut n = 0u64;
+    let mut in_flight = 0;
+    let mut next = |cid: u16, io: &mut HostQueue| {
+        n += 1;
+        let lba = (n * 7919) % (LOAD_CLUSTERS * CB);
+        io.send(&rw(0x01, cid, lba, 1, true), &a_block(lba, n as u8))
+            .unwrap();
+        io.flush().unwrap();
+    };
+    for cid in 0..QD {
+        next(cid, &mut io);
+        in_flight += 1;
+    }
+    while in_flight > 0 {
+        match io.recv().unwrap() {
+            HostPdu::Resp(c) => {
+                assert!(c.status().is_success(), "lvol A: streamed write failed");
+                if stop.load(Ordering::Relaxed) {
+                    in_flight -= 1;
+                } else {
+                    next(c.cid(), &mut io);
+                }
+            }
+            _ => panic!("unexpected PDU"),
+        }
+    }
+    n
+}
+
 /// Lvol B: each round writes its clusters whole (they were released at
 /// the end of the round before, so they are allocated afresh, often from
 /// clusters A just gave back), waits out A's slowest writes, reads them
@@ -447,6 +480,12 @@ fn releases_under_load_never_let_a_write_land_in_another_lvol() {
         let stop = stop.clone();
         hammers.push(std::thread::spawn(move || hammer_a(io, unmap, stop)));
     }
+    let (admin, io) = connect(addr_a, "nqn.2016-06.io.spdk:a");
+    admins.push(admin);
+    let streamer = {
+        let stop = stop.clone();
+        std::thread::spawn(move || stream_a(io, stop))
+    };
     let (_admin_b, mut io_b) = connect(addr_b, "nqn.2016-06.io.spdk:b");
     let deadline = Instant::now() + Duration::from_secs(6);
     let mut round = 0;
@@ -458,6 +497,7 @@ fn releases_under_load_never_let_a_write_land_in_another_lvol() {
     }));
     stop.store(true, Ordering::Relaxed);
     let rounds: Vec<u64> = hammers.into_iter().map(|h| h.join().unwrap()).collect();
+    let streamed = streamer.join().unwrap();
     if let Err(e) = outcome {
         std::panic::resume_unwind(e);
     }
