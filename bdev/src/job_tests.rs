@@ -103,6 +103,7 @@ fn a_job_runs_to_completion_on_its_core_with_progress() {
             p99_read_latency: 0,
             avg_write_latency: 2000,
             p99_write_latency: 2000,
+            hold_writes: false,
         })
         .await
         .unwrap();
@@ -150,6 +151,7 @@ fn cancel_stops_at_a_step_boundary_after_the_steps_io() {
             p99_read_latency: 0,
             avg_write_latency: 20_000,
             p99_write_latency: 20_000,
+            hold_writes: false,
         })
         .await
         .unwrap();

@@ -8,7 +8,7 @@
 #   FP_KI_CACHE      cache dir for debs / unpacked kernel   (~/.cache/ferroplane-kernel-initiator)
 #   FP_KI_KERNEL     Debian kernel package to use            (linux-image-amd64's dependency,
 #                                                             fallback: newest linux-image-6.1.0-N-amd64)
-#   FP_KI_TIMEOUT    guest timeout in seconds                 (720)
+#   FP_KI_TIMEOUT    guest timeout in seconds                 (1080)
 #   FP_KI_FIO_RUNTIME fio runtime in seconds                  (30)
 #   FP_KI_NOBUILD=1  skip `cargo build`
 #   FP_KI_KEEP=1     keep the work dir (logs, initramfs) for inspection
@@ -28,11 +28,14 @@ die() { log "ERROR: $*"; exit 1; }
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 CACHE="${FP_KI_CACHE:-${HOME:-/root}/.cache/ferroplane-kernel-initiator}"
-TIMEOUT="${FP_KI_TIMEOUT:-720}"
+TIMEOUT="${FP_KI_TIMEOUT:-1080}"
 FIO_RUNTIME="${FP_KI_FIO_RUNTIME:-30}"
 NQN="nqn.2016-06.io.ferroplane:cnode1"
 # The same steps over a file-backed (O_DIRECT aio) namespace.
 FILE_NQN="nqn.2016-06.io.ferroplane:file1"
+# And over a thin lvol (1 MiB clusters) in a store on another aio file, as
+# Longhorn exports its replicas: first writes allocate, flushes reach the file.
+LVOL_NQN="nqn.2016-06.io.ferroplane:lvol1"
 DISC_NQN="nqn.2014-08.org.nvmexpress.discovery"
 IO_PORT="${FP_KI_IO_PORT:-4420}"
 DISC_PORT="${FP_KI_DISC_PORT:-8009}"
@@ -178,6 +181,7 @@ mkdir -p /dev/pts /run/nvme; mount -t tmpfs tmpfs /tmp
 echo /sbin/modprobe >/proc/sys/kernel/modprobe
 NQN="$NQN"
 FILE_NQN="$FILE_NQN"
+LVOL_NQN="$LVOL_NQN"
 HOST=10.0.2.2
 IO_PORT=$IO_PORT
 DISC_PORT=$DISC_PORT
@@ -280,6 +284,7 @@ exercise() {
 }
 exercise $NQN ""
 exercise $FILE_NQN -file
+exercise $LVOL_NQN -lvol
 finish
 EOF
 chmod +x "$IR/init"
@@ -302,6 +307,9 @@ done
 CFG="$WORK/target.json"
 BACKING_FILE="$WORK/file0.img"
 truncate -s "$BDEV_BYTES" "$BACKING_FILE"
+LVS_FILE="$WORK/lvs0.img"
+# The lvol plus room for the store's metadata.
+truncate -s "$((BDEV_BYTES + 16 * 1024 * 1024))" "$LVS_FILE"
 cat >"$CFG" <<EOF
 {
   "subsystems": [
@@ -310,6 +318,9 @@ cat >"$CFG" <<EOF
       "config": [
         {"method": "bdev_malloc_create", "params": {"name": "Malloc0", "num_blocks": $BDEV_BLOCKS, "block_size": $BDEV_BS}},
         {"method": "bdev_aio_create", "params": {"name": "File0", "filename": "$BACKING_FILE", "block_size": $BDEV_BS}},
+        {"method": "bdev_aio_create", "params": {"name": "File1", "filename": "$LVS_FILE", "block_size": $BDEV_BS}},
+        {"method": "bdev_lvol_create_lvstore", "params": {"bdev_name": "File1", "lvs_name": "lvs0", "cluster_sz": 1048576}},
+        {"method": "bdev_lvol_create", "params": {"lvs_name": "lvs0", "lvol_name": "vol", "size_in_mib": $((BDEV_BYTES / 1048576)), "thin_provision": true}},
         {"method": "bdev_wait_for_examine"}
       ]
     },
@@ -323,6 +334,9 @@ cat >"$CFG" <<EOF
         {"method": "nvmf_create_subsystem", "params": {"nqn": "$FILE_NQN", "serial_number": "FP0002", "allow_any_host": true}},
         {"method": "nvmf_subsystem_add_ns", "params": {"nqn": "$FILE_NQN", "namespace": {"bdev_name": "File0"}}},
         {"method": "nvmf_subsystem_add_listener", "params": {"nqn": "$FILE_NQN", "listen_address": {"trtype": "tcp", "adrfam": "IPv4", "traddr": "127.0.0.1", "trsvcid": "$IO_PORT"}}},
+        {"method": "nvmf_create_subsystem", "params": {"nqn": "$LVOL_NQN", "serial_number": "FP0003", "allow_any_host": true}},
+        {"method": "nvmf_subsystem_add_ns", "params": {"nqn": "$LVOL_NQN", "namespace": {"bdev_name": "lvs0/vol"}}},
+        {"method": "nvmf_subsystem_add_listener", "params": {"nqn": "$LVOL_NQN", "listen_address": {"trtype": "tcp", "adrfam": "IPv4", "traddr": "127.0.0.1", "trsvcid": "$IO_PORT"}}},
         {"method": "nvmf_subsystem_add_listener", "params": {"nqn": "$DISC_NQN", "listen_address": {"trtype": "tcp", "adrfam": "IPv4", "traddr": "127.0.0.1", "trsvcid": "$DISC_PORT"}}}
       ]
     }

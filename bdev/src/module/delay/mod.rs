@@ -10,6 +10,11 @@
 //! reactor and wakes a parked one. Other I/O types pass straight through.
 //! Latencies live in atomics, so `bdev_delay_update_latency` applies to
 //! every core's next I/O.
+//!
+//! With `hold_writes` (a Ferroplane extension for tests) a write instead
+//! waits for its deadline *before* it goes to the base, so its data lands
+//! late, as on a device whose slow writes are still in its queue: what a
+//! layer above must not mistake for done.
 
 pub mod rpc;
 #[cfg(test)]
@@ -91,6 +96,7 @@ pub struct DelayBdev {
     base: Mutex<Option<Descriptor>>,
     base_bdev: BdevHandle,
     latencies: Arc<Latencies>,
+    pub(crate) hold_writes: bool,
 }
 
 impl DelayBdev {
@@ -100,7 +106,7 @@ impl DelayBdev {
 
     fn params_json(&self) -> Value {
         let l = &self.latencies;
-        json!({
+        let mut v = json!({
             "name": self.name,
             "base_bdev_name": self.base_name,
             "uuid": self.uuid.hyphenated().to_string(),
@@ -108,7 +114,12 @@ impl DelayBdev {
             "p99_read_latency": l.get_us(LatencyKind::P99Read),
             "avg_write_latency": l.get_us(LatencyKind::AvgWrite),
             "p99_write_latency": l.get_us(LatencyKind::P99Write),
-        })
+        });
+        // Only when set: SPDK's own config has no such parameter.
+        if self.hold_writes {
+            v["hold_writes"] = json!(true);
+        }
+        v
     }
 }
 
@@ -132,6 +143,7 @@ impl Bdev for DelayBdev {
             DelayChannel {
                 base,
                 latencies: self.latencies.clone(),
+                hold_writes: self.hold_writes,
                 state: RefCell::new(DelayState {
                     heap: BinaryHeap::new(),
                     seq: 0,
@@ -170,6 +182,8 @@ struct Delayed {
     deadline: u64,
     seq: u64,
     io: IoBox,
+    /// A held write: goes to the base when due (`hold_writes`).
+    submit: bool,
 }
 
 impl PartialEq for Delayed {
@@ -199,19 +213,20 @@ struct DelayState {
 pub(crate) struct DelayChannel {
     base: IoChannel,
     latencies: Arc<Latencies>,
+    hold_writes: bool,
     state: RefCell<DelayState>,
     poller: reactor::PollerHandle,
 }
 
 impl DelayChannel {
-    fn complete_due(&self) -> reactor::PollStatus {
+    fn complete_due(self: &Rc<Self>) -> reactor::PollStatus {
         let now = reactor::ticks::now();
         let mut done = 0;
         loop {
             let io = {
                 let mut st = self.state.borrow_mut();
                 match st.heap.peek() {
-                    Some(d) if d.deadline <= now => st.heap.pop().map(|d| d.io),
+                    Some(d) if d.deadline <= now => st.heap.pop().map(|d| (d.io, d.submit)),
                     Some(d) => {
                         self.poller.wake_at(d.deadline);
                         None
@@ -219,8 +234,14 @@ impl DelayChannel {
                     None => None,
                 }
             };
-            let Some(io) = io else { break };
+            let Some((mut io, submit)) = io else { break };
             done += 1;
+            if submit {
+                *io.module_ctx() = 0;
+                let base = self.base.clone();
+                base.submit(io, self.clone());
+                continue;
+            }
             let status = io.status();
             io.complete(status);
         }
@@ -240,6 +261,10 @@ impl BdevChannel for DelayChannel {
             let us = self.latencies.get_us(if tail { p99 } else { avg });
             io.submit_tick() + reactor::ticks::from_us(us)
         });
+        if self.hold_writes && io.io_type == IoType::Write && deadline > reactor::ticks::now() {
+            self.push(deadline, io, true);
+            return;
+        }
         *io.module_ctx() = deadline;
         let base = self.base.clone();
         base.submit(io, self);
@@ -254,11 +279,22 @@ impl IoCompletion for DelayChannel {
             io.complete(status);
             return;
         }
+        self.push(deadline, io, false);
+    }
+}
+
+impl DelayChannel {
+    fn push(&self, deadline: u64, io: IoBox, submit: bool) {
         let mut st = self.state.borrow_mut();
         st.seq += 1;
         let seq = st.seq;
         let earliest = st.heap.peek().is_none_or(|d| deadline < d.deadline);
-        st.heap.push(Delayed { deadline, seq, io });
+        st.heap.push(Delayed {
+            deadline,
+            seq,
+            io,
+            submit,
+        });
         drop(st);
         if earliest {
             self.poller.wake_at(deadline);
@@ -276,4 +312,6 @@ pub struct DelayOptions {
     pub p99_read_latency: u64,
     pub avg_write_latency: u64,
     pub p99_write_latency: u64,
+    /// Writes wait for their deadline before going to the base.
+    pub hold_writes: bool,
 }

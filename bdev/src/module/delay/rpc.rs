@@ -21,6 +21,10 @@ pub struct CreateParams {
     pub p99_read_latency: u64,
     pub avg_write_latency: u64,
     pub p99_write_latency: u64,
+    /// Ferroplane extension (tests): writes reach the base only at their
+    /// deadline, as on a device whose slow writes land late.
+    #[serde(default)]
+    pub hold_writes: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -59,6 +63,7 @@ pub async fn create(o: DelayOptions) -> Result<String> {
             o.avg_write_latency,
             o.p99_write_latency,
         )),
+        hold_writes: o.hold_writes,
     };
     let props = BdevProps::new(o.name, uuid, base.block_size(), base.num_blocks());
     let handle = registry::register(reservation, props, Box::new(bdev)).await?;
@@ -78,6 +83,7 @@ pub fn register(table: &mut RpcTable) {
                 p99_read_latency: p.p99_read_latency,
                 avg_write_latency: p.avg_write_latency,
                 p99_write_latency: p.p99_write_latency,
+                hold_writes: p.hold_writes,
             })
             .await?;
             Ok(json!(name))

@@ -14,6 +14,7 @@ fn opts(name: &str, base: &str, read_us: u64, write_us: u64) -> DelayOptions {
         p99_read_latency: read_us,
         avg_write_latency: write_us,
         p99_write_latency: write_us,
+        hold_writes: false,
     }
 }
 
@@ -91,5 +92,26 @@ fn base_is_claimed_and_its_removal_takes_the_delay_bdev_with_it() {
             reactor::sleep(Duration::from_millis(1)).await;
         }
         assert!(registry::list().is_empty());
+    });
+}
+
+#[test]
+fn held_writes_reach_the_base_only_at_their_deadline() {
+    run(|| async {
+        malloc("HB", 64, 512).await;
+        let mut o = opts("HD", "HB", 0, 30_000);
+        o.hold_writes = true;
+        create(o).await.unwrap();
+        let d = registry::open("HD", true, None).unwrap();
+        let base = registry::open("HB", false, None).unwrap();
+        let ch = d.channel();
+        let t = Instant::now();
+        let w = reactor::spawn_local_joinable(async move { ch.write(0, &[9u8; 512]).await });
+        // Midway the base does not have the data yet.
+        reactor::sleep(Duration::from_millis(10)).await;
+        assert_eq!(base.channel().read(0, 1).await.unwrap(), vec![0u8; 512]);
+        w.await.unwrap().unwrap();
+        assert!(t.elapsed() >= Duration::from_millis(30));
+        assert_eq!(base.channel().read(0, 1).await.unwrap(), vec![9u8; 512]);
     });
 }

@@ -18,6 +18,13 @@
 //! - Clusters freed by a delete are cleared (per the lvol's clear method)
 //!   before the delete commits, so a cluster is never cleared after
 //!   another lvol may have been given it.
+//! - Clusters a whole-cluster unmap or write-zeroes releases ([`release`])
+//!   are cleared and released while no I/O to them is in flight on any
+//!   core and none can start (the barrier in `vbdev`), so no late write
+//!   lands in, and no late read returns, another lvol's data. Releases run
+//!   one at a time per store and never take `op_lock`: a structural
+//!   operation quiesces the lvol, which waits for the unmap in flight and
+//!   so for its release.
 
 use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -57,6 +64,11 @@ pub struct Lvs {
     pub bdevs: RefCell<BTreeMap<u64, BdevHandle>>,
     /// One structural operation at a time.
     pub op_lock: reactor::AsyncLock,
+    /// One cluster release at a time ([`release`]): a channel runs one
+    /// release barrier at a time. Not `op_lock`: a structural operation
+    /// holding it quiesces the lvol, which waits for the unmap that waits
+    /// for the release.
+    release_lock: reactor::AsyncLock,
     /// Cluster allocations in flight, by (blob id, cluster): who else waits.
     pending: RefCell<HashMap<(u64, u64), Vec<AllocationWaiter>>>,
 }
@@ -69,6 +81,7 @@ impl Lvs {
             base,
             bdevs: RefCell::new(BTreeMap::new()),
             op_lock: reactor::AsyncLock::default(),
+            release_lock: reactor::AsyncLock::default(),
             pending: RefCell::new(HashMap::new()),
         })
     }
@@ -337,7 +350,102 @@ pub fn chain_of(lvs: &Lvs, id: u64) -> Result<Chain, LvolError> {
             .then(|| cluster_blocks.trailing_zeros()),
         data_start_blocks: lvs.store.cluster_offset_blocks(0),
         read_only: info.read_only,
+        releasable: releasable(&info),
     })
+}
+
+/// Whether whole-cluster unmap and write-zeroes of lvol `l` release its
+/// clusters: thin, writable, no parent (whose data would show through) and
+/// no children (whose channels read its clusters outside its barrier).
+fn releasable(l: &LvolInfo) -> bool {
+    l.thin && !l.read_only && l.parent == Parent::None && l.children.is_empty()
+}
+
+/// Releases the whole clusters `start..start+count` of lvol `key` for an
+/// unmap or write-zeroes, on the metadata core (the protocol is in the
+/// vbdev module docs): barrier on every core, clear what the lvol holds
+/// there on the base, release it durably, resume. Returns how many
+/// clusters were freed. An lvol that may not release (it changed since
+/// the channel looked) has the clusters cleared on the base only.
+pub async fn release(key: LvolKey, start: u64, count: u64) -> Result<u64, LvolError> {
+    let lvs = store_by_uuid(&key.0)
+        .ok_or_else(|| LvolError::NotFound(format!("lvol store {}", key.0)))?;
+    let id = key.1;
+    let _one = lvs.release_lock.lock().await;
+    let l = lvs
+        .store
+        .lvol(id)
+        .ok_or_else(|| LvolError::NotFound(format!("lvol {id}")))?;
+    let end = start
+        .checked_add(count)
+        .filter(|&e| e <= l.num_clusters)
+        .ok_or_else(|| LvolError::Invalid("range beyond the lvol".into()))?;
+    if l.parent != Parent::None {
+        // Unreachable while the unmap is in flight (a parent is set only
+        // under a quiesce); zeroing would need allocations.
+        return Err(LvolError::Invalid(format!("lvol {} has a parent", l.name)));
+    }
+    let b = lvs
+        .bdevs
+        .borrow()
+        .get(&id)
+        .cloned()
+        .ok_or_else(|| LvolError::NotFound(format!("lvol {id} has no bdev")))?;
+    let lb = b
+        .downcast::<LvolBdev>()
+        .ok_or_else(|| LvolError::NotFound(format!("lvol {id} has no bdev")))?;
+    vbdev::release_begin(lb, start, end).await;
+    let r = release_held(&lvs, id, start, end, releasable(&l)).await;
+    vbdev::release_end(lb).await;
+    r
+}
+
+/// Clears the clusters of `start..end` lvol `id` holds and, if `release`,
+/// releases them; nothing is in flight to them (the barrier), and nothing
+/// else changes which of them it holds: allocation needs an unheld
+/// cluster, structural operations a quiesce.
+async fn release_held(
+    lvs: &Lvs,
+    id: u64,
+    start: u64,
+    end: u64,
+    release: bool,
+) -> Result<u64, LvolError> {
+    use std::sync::atomic::Ordering::Acquire;
+    let table = lvs
+        .store
+        .cluster_table(id)
+        .ok_or_else(|| LvolError::NotFound(format!("lvol {id}")))?;
+    let st = lvs.store.info();
+    let cb = (st.cluster_size / st.block_size) as u64;
+    let held = |i: u64| {
+        table
+            .get(i as usize)
+            .map_or(0, |e| e.load(Acquire))
+            .checked_sub(1)
+    };
+    let mut freed = 0;
+    let mut i = start;
+    while i < end {
+        if held(i).is_none() {
+            i += 1;
+            continue;
+        }
+        let mut j = i;
+        while j < end {
+            let Some(p) = held(j) else {
+                break;
+            };
+            let off = lvs.store.cluster_offset_blocks(p);
+            clear_blocks(&lvs.base, IoType::Unmap, off, cb).await?;
+            j += 1;
+        }
+        if release {
+            freed += lvs.store.release_clusters(id, i, j - i).await?;
+        }
+        i = j;
+    }
+    Ok(freed)
 }
 
 fn alias_of(lvs: &Lvs, l: &LvolInfo) -> String {

@@ -128,8 +128,12 @@
 //! the metadata core updates entries (Release) only once durable. Resize
 //! replaces an lvol's table: the layer above swaps the new one into its
 //! channels. Structural operations on an lvol (delete, resize, snapshot,
-//! parent changes, read-only, release) return EBUSY while allocations on it
-//! are in flight: the layer above quiesces the lvol's I/O first.
+//! parent changes, read-only) return EBUSY while allocations on it are in
+//! flight: the layer above quiesces the lvol's I/O first. A release
+//! (whole-cluster unmap) is EBUSY only while one of its own clusters is
+//! being allocated: it clears map entries no allocation touches, and the
+//! layer above keeps I/O away from them by a barrier instead of a quiesce
+//! (`vbdev`, "Releasing clusters").
 //!
 //! A failed metadata write poisons the store (the model may be ahead of
 //! the disk): every later operation fails with EIO until it is reloaded.

@@ -1987,9 +1987,12 @@ impl LvolStore {
 
     /// Releases the clusters `start..start+count` of thin lvol `id` (an
     /// unmap or write_zeroes of whole clusters). They are free once this
-    /// returns; the caller holds those clusters' range lock, so no I/O to
-    /// them is in flight. EPERM read-only, EINVAL thick or out of range,
-    /// EBUSY while allocations are in flight.
+    /// returns; the caller makes sure no I/O to them is in flight (the lvol
+    /// bdev layer's release barrier, `lvs::release`). EPERM read-only,
+    /// EINVAL thick or out of range, EBUSY while one of those clusters is
+    /// being allocated. Allocations of other clusters of the lvol may be in
+    /// flight: they touch other map entries, and their commits are ordered
+    /// with this one in the log.
     pub async fn release_clusters(&self, id: u64, start: u64, count: u64) -> Result<u64> {
         let st = self.writable()?;
         let l = st.lvol(id)?;
@@ -2002,7 +2005,14 @@ impl LvolStore {
         if start.checked_add(count).is_none_or(|e| e > l.num_clusters) {
             return Err(LvolError::Invalid("range beyond the lvol".into()));
         }
-        st.not_busy(id)?;
+        let in_range = |&(l, i): &(u64, u64)| l == id && (start..start + count).contains(&i);
+        if st.reserved.keys().any(in_range) {
+            return Err(LvolError::Busy(format!(
+                "lvol {}: a cluster in {start}..{} is being allocated",
+                l.name,
+                start + count
+            )));
+        }
         if l.map[start as usize..(start + count) as usize]
             .iter()
             .all(|&m| m == 0)

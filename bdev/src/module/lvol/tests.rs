@@ -1392,3 +1392,35 @@ fn a_failed_metadata_write_poisons_the_store_until_reloaded() {
         clean(&r);
     });
 }
+
+#[test]
+fn a_release_waits_only_for_allocations_of_its_own_clusters() {
+    block_on(async {
+        let (dev, s) = fresh().await;
+        let id = s
+            .create_lvol(CreateOptions::new("t", 8, true))
+            .await
+            .unwrap()
+            .id;
+        alloc(&s, id, &[0, 1, 2, 3]).await;
+        let free = s.info().free_clusters;
+        // Cluster 6 is being allocated: releasing 0..4 goes ahead, a range
+        // holding 6 is refused and changes nothing.
+        let r = s.reserve_cluster(id, 6).unwrap();
+        assert_eq!(s.release_clusters(id, 0, 2).await.unwrap(), 2);
+        assert_eq!(
+            s.release_clusters(id, 2, 6).await.unwrap_err().errno(),
+            libc::EBUSY
+        );
+        // (The reservation holds one.)
+        assert_eq!(s.info().free_clusters, free + 2 - 1);
+        s.commit_clusters(vec![r]).await.unwrap();
+        assert_eq!(s.release_clusters(id, 2, 6).await.unwrap(), 3);
+        assert_eq!(s.info().free_clusters, free + 4);
+        assert_eq!(s.lvol(id).unwrap().num_allocated_clusters, 0);
+        clean(&s);
+        let r = reload(&dev).await;
+        assert_eq!(r.lvol(id).unwrap().num_allocated_clusters, 0);
+        clean(&r);
+    });
+}

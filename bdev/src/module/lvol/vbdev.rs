@@ -24,8 +24,51 @@
 //! (a descendant's view of a merge), so channels take a new one by a
 //! per-core message ([`refresh_channels`]) and never see a cluster mapped
 //! to two places.
+//!
+//! # Releasing clusters (unmap, write-zeroes)
+//!
+//! An unmap or write-zeroes covering whole clusters of a thin lvol with no
+//! parent and no children ([`Chain::releasable`]) gives those clusters
+//! back to the store (SPDK's blob unmap); partial clusters, and every
+//! other lvol, are forwarded to the base as before. The danger is an I/O
+//! on another core that read the table (physical cluster P) and is still
+//! in flight to P when the metadata core frees P and hands it to another
+//! lvol: a late write would land in that lvol's data, a late read would
+//! return it. A range lock cannot be used: it waits for every I/O admitted
+//! before it, the unmap included. Instead ([`super::lvs::release`], one
+//! release per store at a time, on the metadata core):
+//!
+//! 1. [`release_begin`]: on every core the lvol's channel marks the
+//!    clusters as *releasing* and flips its epoch, in one step. From then
+//!    on a read of a releasing cluster returns zeros (what it reads after
+//!    the release; a read racing the unmap may see either) and a write
+//!    parks in the channel. Then it waits until every I/O the channel
+//!    forwarded to the base under the old epoch has completed: each
+//!    forwarded I/O counts itself in the channel's counter of its epoch's
+//!    parity (recorded in the top bit of its `module_ctx`), and the last
+//!    completion of the old parity wakes the barrier (RCU-style). A
+//!    channel created meanwhile starts with the mark (it is also kept on
+//!    the bdev) and nothing in flight.
+//! 2. Nothing is in flight to the lvol's clusters in the range, and
+//!    nothing can start. The metadata core reads which of them the lvol
+//!    holds, clears them on the base (the free pool is kept cleared: a
+//!    thick lvol takes clusters from it as zeros), and releases them
+//!    durably (`LvolStore::release_clusters`; the table entries clear).
+//!    An allocation already under way for an unheld cluster in the range
+//!    still completes (it is zeroed; its write parks and lands after).
+//! 3. [`release_end`]: on every core the mark goes and the parked writes
+//!    are resubmitted: they see the cluster unallocated and allocate a
+//!    fresh, zeroed one. The unmap completes after that, so a write
+//!    submitted after its completion survives; a write racing it ends up
+//!    before it (and is released) or after it (and survives).
+//!
+//! Cost on the data path: two `Cell` updates per forwarded I/O (counter up
+//! at submit, down at completion) and one flag test at submit; no atomics,
+//! no allocation, no other core. Structural operations quiesce the lvol,
+//! which waits for an unmap in flight and so for its release, and a
+//! release needs no `op_lock`, so the two never wait on each other.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::rc::{Rc, Weak};
 use std::sync::atomic::Ordering;
@@ -58,6 +101,10 @@ pub struct Chain {
     /// Base block of data cluster 0.
     pub data_start_blocks: u64,
     pub read_only: bool,
+    /// Whole-cluster unmap and write-zeroes release clusters: a writable
+    /// thin lvol with no parent and no children (a hint; the metadata core
+    /// checks again).
+    pub releasable: bool,
 }
 
 impl Chain {
@@ -125,7 +172,17 @@ pub struct LvolBdev {
     pub(crate) key: LvolKey,
     pub(crate) base: BdevHandle,
     chain: Mutex<Arc<Chain>>,
+    /// The clusters being released (`NOT_RELEASING`: none), for channels
+    /// created during a release.
+    releasing: Mutex<(u64, u64)>,
 }
+
+/// `releasing` when no release is under way (an empty range).
+const NOT_RELEASING: (u64, u64) = (0, 0);
+
+/// The bit of a forwarded I/O's `module_ctx` that holds its epoch parity
+/// (the rest is its lvol offset, far below 2^63 blocks).
+const EPOCH_BIT: u64 = 1 << 63;
 
 impl LvolBdev {
     pub(crate) fn new(key: LvolKey, base: BdevHandle, chain: Chain) -> LvolBdev {
@@ -133,6 +190,7 @@ impl LvolBdev {
             key,
             base,
             chain: Mutex::new(Arc::new(chain)),
+            releasing: Mutex::new(NOT_RELEASING),
         }
     }
 
@@ -150,6 +208,10 @@ impl LvolBdev {
 
     pub(crate) fn set_chain(&self, c: Arc<Chain>) {
         *self.chain.lock().unwrap_or_else(|e| e.into_inner()) = c;
+    }
+
+    fn set_releasing(&self, r: (u64, u64)) {
+        *self.releasing.lock().unwrap_or_else(|e| e.into_inner()) = r;
     }
 }
 
@@ -178,9 +240,22 @@ impl Bdev for LvolBdev {
             chain: RefCell::new(self.chain()),
             waiting: RefCell::new(HashMap::new()),
             me: RefCell::new(Weak::new()),
+            releasing: Cell::new(*self.releasing.lock().unwrap_or_else(|e| e.into_inner())),
+            parked: RefCell::new(Vec::new()),
+            epoch: Cell::new(0),
+            in_flight: [Cell::new(0), Cell::new(0)],
+            drain_waker: RefCell::new(None),
+            drain_waiting: Cell::new(false),
         });
         *ch.me.borrow_mut() = Rc::downgrade(&ch);
-        CHANNELS.with(|c| c.borrow_mut().insert(self.key, Rc::downgrade(&ch)));
+        // An earlier channel of this core may live on while its I/O is in
+        // flight (its users are gone): keep it reachable for barriers.
+        CHANNELS.with(|c| {
+            let mut c = c.borrow_mut();
+            let v = c.entry(self.key).or_default();
+            v.retain(|w| w.strong_count() > 0);
+            v.push(Rc::downgrade(&ch));
+        });
         ch
     }
 
@@ -203,8 +278,11 @@ impl Bdev for LvolBdev {
             reactor::for_each_core(move || {
                 CHANNELS.with(|c| {
                     let mut c = c.borrow_mut();
-                    if c.get(&key).is_some_and(|w| w.strong_count() == 0) {
-                        c.remove(&key);
+                    if let Some(v) = c.get_mut(&key) {
+                        v.retain(|w| w.strong_count() > 0);
+                        if v.is_empty() {
+                            c.remove(&key);
+                        }
                     }
                 })
             })
@@ -214,17 +292,69 @@ impl Bdev for LvolBdev {
 }
 
 thread_local! {
-    /// This core's lvol channels, for chain refreshes.
-    static CHANNELS: RefCell<HashMap<LvolKey, Weak<LvolChannel>>> = RefCell::new(HashMap::new());
+    /// This core's lvol channels, for chain refreshes and release barriers.
+    static CHANNELS: RefCell<HashMap<LvolKey, Vec<Weak<LvolChannel>>>> = RefCell::new(HashMap::new());
+}
+
+/// This core's live channels of lvol `key`.
+fn channels_of(key: LvolKey) -> Vec<Rc<LvolChannel>> {
+    CHANNELS.with(|c| {
+        c.borrow()
+            .get(&key)
+            .map(|v| v.iter().filter_map(|w| w.upgrade()).collect())
+            .unwrap_or_default()
+    })
 }
 
 /// Gives every core's channel of lvol `key` the chain `chain` (already set
 /// on the bdev, so channels created from now on start with it).
 pub(crate) async fn refresh_channels(key: LvolKey, chain: Arc<Chain>) {
     reactor::for_each_core(move || {
-        let ch = CHANNELS.with(|c| c.borrow().get(&key).and_then(|w| w.upgrade()));
-        if let Some(ch) = ch {
+        for ch in channels_of(key) {
             *ch.chain.borrow_mut() = chain.clone();
+        }
+    })
+    .await;
+}
+
+/// Step 1 of a release (module docs): marks clusters `start..end` of lvol
+/// `bdev` as releasing on every core and waits until no I/O forwarded
+/// before the mark is in flight. Callers serialise releases per lvol (one
+/// barrier per channel at a time).
+pub(crate) async fn release_begin(bdev: &LvolBdev, start: u64, end: u64) {
+    let key = bdev.key;
+    bdev.set_releasing((start, end));
+    reactor::for_each_core(move || {
+        for ch in channels_of(key) {
+            ch.releasing.set((start, end));
+            ch.epoch.set(ch.epoch.get() ^ 1);
+        }
+    })
+    .await;
+    for core in reactor::cores() {
+        let r = reactor::call_async(core, move || async move {
+            for ch in channels_of(key) {
+                ch.drained().await;
+            }
+        })
+        .await;
+        if r.is_err() {
+            log::warn!("lvol {}: release barrier: core {core:?} gone", key.0);
+        }
+    }
+}
+
+/// Step 3 of a release: the marks go and parked writes are resubmitted.
+pub(crate) async fn release_end(bdev: &LvolBdev) {
+    let key = bdev.key;
+    bdev.set_releasing(NOT_RELEASING);
+    reactor::for_each_core(move || {
+        for ch in channels_of(key) {
+            ch.releasing.set(NOT_RELEASING);
+            let parked = std::mem::take(&mut *ch.parked.borrow_mut());
+            for io in parked {
+                ch.clone().submit(io);
+            }
         }
     })
     .await;
@@ -237,15 +367,105 @@ pub(crate) struct LvolChannel {
     /// Writes waiting for the allocation of their cluster, by cluster.
     waiting: RefCell<HashMap<u64, Vec<IoBox>>>,
     me: RefCell<Weak<LvolChannel>>,
+    /// Clusters `start..end` being released (`NOT_RELEASING`: none).
+    releasing: Cell<(u64, u64)>,
+    /// Writes to releasing clusters, until the release ends.
+    parked: RefCell<Vec<IoBox>>,
+    /// Parity of the current epoch (0 or 1).
+    epoch: Cell<u64>,
+    /// I/O forwarded to the base and not completed, by epoch parity.
+    in_flight: [Cell<u32>; 2],
+    /// The release barrier waiting for the old epoch to drain.
+    drain_waker: RefCell<Option<std::task::Waker>>,
+    drain_waiting: Cell<bool>,
 }
 
 impl LvolChannel {
+    /// Counts an I/O to the base in the current epoch; its parity, for
+    /// [`Self::leave`].
+    #[inline]
+    fn enter(&self) -> u64 {
+        let e = self.epoch.get();
+        let c = &self.in_flight[e as usize];
+        c.set(c.get() + 1);
+        e
+    }
+
+    #[inline]
+    fn leave(&self, e: u64) {
+        let c = &self.in_flight[(e & 1) as usize];
+        let n = c.get() - 1;
+        c.set(n);
+        if n == 0 && self.drain_waiting.get() {
+            self.wake_drain();
+        }
+    }
+
+    #[cold]
+    fn wake_drain(&self) {
+        if let Some(w) = self.drain_waker.borrow_mut().take() {
+            w.wake();
+        }
+    }
+
+    /// Until no I/O of the previous epoch is in flight.
+    async fn drained(&self) {
+        std::future::poll_fn(|cx| {
+            let old = (self.epoch.get() ^ 1) as usize;
+            if self.in_flight[old].get() == 0 {
+                self.drain_waiting.set(false);
+                std::task::Poll::Ready(())
+            } else {
+                *self.drain_waker.borrow_mut() = Some(cx.waker().clone());
+                self.drain_waiting.set(true);
+                std::task::Poll::Pending
+            }
+        })
+        .await
+    }
+
     #[inline]
     fn forward(self: Rc<Self>, mut io: IoBox, base_offset: u64) {
-        *io.module_ctx() = io.offset_blocks;
+        let e = self.enter();
+        *io.module_ctx() = io.offset_blocks | (e << 63);
         io.offset_blocks = base_offset;
         let base = self.base.clone();
         base.submit(io, self);
+    }
+
+    /// A read or write while a release is under way: one to a releasing
+    /// cluster reads zeros or parks; any other goes on.
+    #[cold]
+    fn submit_releasing(self: Rc<Self>, io: IoBox) {
+        let (start, end) = self.releasing.get();
+        let c = self.chain.borrow().split_lba(io.offset_blocks).0;
+        if !(start..end).contains(&c) {
+            return self.submit_rw(io);
+        }
+        if io.io_type == IoType::Read {
+            Self::read_zeros(io, self.base.bdev().block_size());
+        } else {
+            self.parked.borrow_mut().push(io);
+        }
+    }
+
+    #[inline]
+    fn submit_rw(self: Rc<Self>, io: IoBox) {
+        if io.io_type == IoType::Read {
+            // The borrow ends before the I/O goes on.
+            let at = self.chain.borrow().read_target(io.offset_blocks);
+            match at {
+                Some(at) => self.forward(io, at),
+                None => Self::read_zeros(io, self.base.bdev().block_size()),
+            }
+        } else {
+            let at = self.chain.borrow().write_target(io.offset_blocks);
+            match at {
+                Ok(at) => self.forward(io, at),
+                Err(u64::MAX) => io.complete(IoStatus::Failed),
+                Err(cluster) => self.wait_for_allocation(io, cluster),
+            }
+        }
     }
 
     /// Reads of clusters nobody in the chain holds: zeros.
@@ -318,19 +538,35 @@ impl LvolChannel {
     }
 
     async fn clear_range(self: Rc<Self>, io: &IoBox) -> IoStatus {
-        let (io_type, mut off, end) = (
+        let (io_type, start, end) = (
             io.io_type,
             io.offset_blocks,
             io.offset_blocks + io.num_blocks,
         );
+        let first = self.chain.borrow().clone();
+        let cb = first.cluster_blocks;
+        // The whole clusters the store takes back (module docs); the
+        // metadata core clears them once nothing is in flight to them.
+        let (rel_start, rel_end) = if first.releasable && !first.read_only {
+            (start.div_ceil(cb), end / cb)
+        } else {
+            (0, 0)
+        };
+        let mut off = start;
         while off < end {
             let chain = self.chain.borrow().clone();
             if chain.read_only {
                 return IoStatus::Failed;
             }
-            let cb = chain.cluster_blocks;
             let cluster = off / cb;
             let n = (cb - off % cb).min(end - off);
+            let (rs, re) = self.releasing.get();
+            // Released below, or by a release under way (it reads zeros
+            // after that; this command races it).
+            if (rel_start..rel_end).contains(&cluster) || (rs..re).contains(&cluster) {
+                off += n;
+                continue;
+            }
             match chain.locate(cluster) {
                 Some((phys, true)) => {
                     let at = chain.base_offset(phys, off % cb);
@@ -341,7 +577,12 @@ impl LvolChannel {
                     } else {
                         io_type
                     };
-                    if self.base.command(t, at, n).await.is_err() {
+                    // Counted like a forwarded I/O: a release barrier
+                    // waits for it.
+                    let e = self.enter();
+                    let r = self.base.command(t, at, n).await;
+                    self.leave(e);
+                    if r.is_err() {
                         return IoStatus::Failed;
                     }
                 }
@@ -365,6 +606,24 @@ impl LvolChannel {
             }
             off += n;
         }
+        if rel_start < rel_end {
+            let key = self.key;
+            let r = reactor::call_async(reactor::main_core(), move || {
+                super::lvs::release(key, rel_start, rel_end - rel_start)
+            })
+            .await;
+            match r {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => {
+                    log::warn!(
+                        "lvol {}: releasing clusters {rel_start}..{rel_end}: {e}",
+                        key.0
+                    );
+                    return IoStatus::Failed;
+                }
+                Err(_) => return IoStatus::Failed,
+            }
+        }
         IoStatus::Success
     }
 }
@@ -373,20 +632,11 @@ impl BdevChannel for LvolChannel {
     #[inline]
     fn submit(self: Rc<Self>, io: IoBox) {
         match io.io_type {
-            IoType::Read => {
-                // The borrow ends before the I/O goes on.
-                let at = self.chain.borrow().read_target(io.offset_blocks);
-                match at {
-                    Some(at) => self.forward(io, at),
-                    None => Self::read_zeros(io, self.base.bdev().block_size()),
-                }
-            }
-            IoType::Write => {
-                let at = self.chain.borrow().write_target(io.offset_blocks);
-                match at {
-                    Ok(at) => self.forward(io, at),
-                    Err(u64::MAX) => io.complete(IoStatus::Failed),
-                    Err(cluster) => self.wait_for_allocation(io, cluster),
+            IoType::Read | IoType::Write => {
+                if self.releasing.get().1 != 0 {
+                    self.submit_releasing(io)
+                } else {
+                    self.submit_rw(io)
                 }
             }
             IoType::Unmap | IoType::WriteZeroes => self.data_less(io),
@@ -406,7 +656,9 @@ impl BdevChannel for LvolChannel {
 impl IoCompletion for LvolChannel {
     #[inline]
     fn io_done(&self, mut io: IoBox) {
-        io.offset_blocks = *io.module_ctx();
+        let ctx = *io.module_ctx();
+        io.offset_blocks = ctx & !EPOCH_BIT;
+        self.leave(ctx >> 63);
         let status = io.status();
         io.complete(status);
     }

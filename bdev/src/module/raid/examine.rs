@@ -109,10 +109,10 @@ async fn examine(b: BdevHandle) {
             // One rebuild at a time: a member that returns while another
             // is rebuilt waits for its turn (in the background, so examine
             // is not held up), then is rebuilt too.
-            if shared.rebuild.active.load(std::sync::atomic::Ordering::Acquire) {
+            if shared.rebuilding() {
                 let (shared, b, name) = (shared.clone(), b.clone(), sb.name.clone());
                 reactor::spawn_local(async move {
-                    while shared.rebuild.active.load(std::sync::atomic::Ordering::Acquire) {
+                    while shared.rebuilding() {
                         reactor::sleep(REBUILD_QUEUE_POLL).await;
                     }
                     if b.is_removed() || super::with_raids(|r| r.get(&name).is_none()) {

@@ -208,6 +208,11 @@ impl RaidShared {
         (states, AtomicUsize::new(n))
     }
 
+    /// A member is being rebuilt (one at a time).
+    pub fn rebuilding(&self) -> bool {
+        self.rebuild.active.load(Ordering::Acquire)
+    }
+
     pub fn operational(&self) -> usize {
         (0..self.num_slots())
             .filter(|&i| self.state(i) == MemberState::Operational)
