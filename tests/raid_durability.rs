@@ -537,13 +537,13 @@ fn crash_round(c: &Crash, round: usize) {
         }
     };
     check(&t, "degraded");
-    // The stale member (the first one found, in slot order) is rebuilt.
+    // Every stale member is rebuilt, one after the other.
     t.ok(
         "bdev_raid_set_options",
         json!({"process_max_bandwidth_mb_sec": 0}),
     );
-    wait_until("the rebuild", Duration::from_secs(120), || {
-        raid_info(&t, "R1")["num_base_bdevs_operational"] == survivors.len() + 1
+    wait_until("the rebuilds", Duration::from_secs(120), || {
+        raid_info(&t, "R1")["num_base_bdevs_operational"] == c.members
     });
     check(&t, "after the rebuild");
     let info = raid_info(&t, "R1");
