@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{hex, unhex, Backing, Target};
+use common::{hex, Backing, Target};
 use serde_json::{json, Value};
 
 const BS: usize = 4096;
@@ -32,31 +32,12 @@ fn bdev(t: &Target, name: &str) -> Value {
     t.ok("bdev_get_bdevs", json!({"name": name}))[0].clone()
 }
 
-/// Blocks per bdev_read / bdev_write call (their RPC limit is 256).
-const RPC_BLOCKS: usize = 64;
-
 fn write(t: &Target, name: &str, lba: u64, data: &[u8]) {
-    for (i, c) in data.chunks(RPC_BLOCKS * BS).enumerate() {
-        t.ok(
-            "bdev_write",
-            json!({"name": name, "offset_blocks": lba + (i * RPC_BLOCKS) as u64, "data": hex(c)}),
-        );
-    }
+    common::write_blocks(t, name, lba, data, BS)
 }
 
 fn read(t: &Target, name: &str, lba: u64, blocks: usize) -> Vec<u8> {
-    let mut out = Vec::new();
-    let mut at = 0;
-    while at < blocks {
-        let n = RPC_BLOCKS.min(blocks - at);
-        let r = t.ok(
-            "bdev_read",
-            json!({"name": name, "offset_blocks": lba + at as u64, "num_blocks": n}),
-        );
-        out.extend(unhex(r["data"].as_str().unwrap()));
-        at += n;
-    }
-    out
+    common::read_blocks(t, name, lba, blocks)
 }
 
 fn fill(len: usize, seed: u8) -> Vec<u8> {

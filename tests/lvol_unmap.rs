@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{hex, unhex, Backing, Target};
+use common::{Backing, Target};
 use nvmf::initiator::{HostPdu, HostQueue};
 use nvmf::wire::nvme::{SglDescriptor, Sqe, FLAGS_PSDT_SGL};
 use nvmf::wire::pdu::Digests;
@@ -50,31 +50,12 @@ fn create(t: &Target, name: &str, mib: u64, thin: bool) {
     );
 }
 
-/// Blocks per bdev_read / bdev_write call.
-const RPC_BLOCKS: usize = 64;
-
 fn write(t: &Target, name: &str, lba: u64, data: &[u8]) {
-    for (i, c) in data.chunks(RPC_BLOCKS * BS).enumerate() {
-        t.ok(
-            "bdev_write",
-            json!({"name": name, "offset_blocks": lba + (i * RPC_BLOCKS) as u64, "data": hex(c)}),
-        );
-    }
+    common::write_blocks(t, name, lba, data, BS)
 }
 
 fn read(t: &Target, name: &str, lba: u64, blocks: usize) -> Vec<u8> {
-    let mut out = Vec::new();
-    let mut at = 0;
-    while at < blocks {
-        let n = RPC_BLOCKS.min(blocks - at);
-        let r = t.ok(
-            "bdev_read",
-            json!({"name": name, "offset_blocks": lba + at as u64, "num_blocks": n}),
-        );
-        out.extend(unhex(r["data"].as_str().unwrap()));
-        at += n;
-    }
-    out
+    common::read_blocks(t, name, lba, blocks)
 }
 
 fn command(t: &Target, name: &str, io_type: &str, lba: u64, blocks: u64) {

@@ -300,6 +300,36 @@ pub fn write_read(
     unhex(r["data"].as_str().unwrap())
 }
 
+/// Blocks per `bdev_read` / `bdev_write` call (the RPC takes up to 256).
+pub const RPC_BLOCKS: usize = 64;
+
+/// Writes `data` at block `lba` of bdev `name` over RPC, in calls of
+/// [`RPC_BLOCKS`] blocks of `bs` bytes.
+pub fn write_blocks(t: &Target, name: &str, lba: u64, data: &[u8], bs: usize) {
+    for (i, c) in data.chunks(RPC_BLOCKS * bs).enumerate() {
+        t.ok(
+            "bdev_write",
+            json!({"name": name, "offset_blocks": lba + (i * RPC_BLOCKS) as u64, "data": hex(c)}),
+        );
+    }
+}
+
+/// Reads `blocks` blocks at `lba` of bdev `name` over RPC.
+pub fn read_blocks(t: &Target, name: &str, lba: u64, blocks: usize) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut at = 0;
+    while at < blocks {
+        let n = RPC_BLOCKS.min(blocks - at);
+        let r = t.ok(
+            "bdev_read",
+            json!({"name": name, "offset_blocks": lba + at as u64, "num_blocks": n}),
+        );
+        out.extend(unhex(r["data"].as_str().unwrap()));
+        at += n;
+    }
+    out
+}
+
 pub fn pattern(len: usize, seed: u8) -> Vec<u8> {
     (0..len)
         .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
