@@ -99,6 +99,11 @@ fn store_and_lvol_shapes_are_spdks() {
     assert_eq!(d["esnap_clone"], false);
     assert_eq!(b["creation_time"], l_creation(&t, "lvs0/vol1"));
     assert_eq!(bdev(&t, "B0")["creation_time"], "");
+    // Flush reaches the base and succeeds.
+    t.ok(
+        "bdev_io_command",
+        json!({"name": "lvs0/vol1", "io_type": "flush", "offset_blocks": 0, "num_blocks": 8 * CLUSTER_BLOCKS}),
+    );
     // Found by UUID as well.
     assert_eq!(bdev(&t, &lv)["name"], lv.as_str());
 
