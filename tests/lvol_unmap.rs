@@ -183,19 +183,7 @@ fn a_clone_keeps_its_clusters_and_its_parents_data() {
 // ---- NVMe/TCP under load ----
 
 fn rw(opcode: u8, cid: u16, slba: u64, nlb: u32, in_capsule: bool) -> Sqe {
-    let len = nlb * BS as u32;
-    let mut sqe = Sqe::default();
-    sqe.set_opcode(opcode)
-        .set_flags(FLAGS_PSDT_SGL)
-        .set_cid(cid)
-        .set_nsid(1)
-        .set_rw(slba, nlb)
-        .set_sgl(if in_capsule {
-            SglDescriptor::in_capsule(0, len)
-        } else {
-            SglDescriptor::transport(len)
-        });
-    sqe
+    common::rw_sqe(opcode, cid, slba, nlb, BS as u32, in_capsule)
 }
 
 fn write_zeroes(cid: u16, slba: u64, nlb: u32) -> Sqe {

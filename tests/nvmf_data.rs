@@ -12,7 +12,7 @@ use std::net::SocketAddr;
 
 use common::{Backing, Target};
 use nvmf::initiator::{HostPdu, HostQueue};
-use nvmf::wire::nvme::{SglDescriptor, Sqe, FLAGS_PSDT_SGL};
+use nvmf::wire::nvme::Sqe;
 use nvmf::wire::pdu::Digests;
 use serde_json::json;
 
@@ -38,19 +38,7 @@ fn block_data(lba: u64, seed: u8) -> Vec<u8> {
 }
 
 fn rw(opcode: u8, cid: u16, slba: u64, nlb: u32, in_capsule: bool) -> Sqe {
-    let len = nlb * BS as u32;
-    let mut sqe = Sqe::default();
-    sqe.set_opcode(opcode)
-        .set_flags(FLAGS_PSDT_SGL)
-        .set_cid(cid)
-        .set_nsid(1)
-        .set_rw(slba, nlb)
-        .set_sgl(if in_capsule {
-            SglDescriptor::in_capsule(0, len)
-        } else {
-            SglDescriptor::transport(len)
-        });
-    sqe
+    common::rw_sqe(opcode, cid, slba, nlb, BS as u32, in_capsule)
 }
 
 /// Runs every command of `cmds` (sqe, data to send) with all of them in

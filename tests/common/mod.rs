@@ -300,6 +300,32 @@ pub fn write_read(
     unhex(r["data"].as_str().unwrap())
 }
 
+/// An NVM read, write or compare of `nlb` blocks of `bs` bytes at `slba`
+/// of namespace 1; its data in the capsule or by R2T/C2H.
+pub fn rw_sqe(
+    opcode: u8,
+    cid: u16,
+    slba: u64,
+    nlb: u32,
+    bs: u32,
+    in_capsule: bool,
+) -> nvmf::wire::nvme::Sqe {
+    use nvmf::wire::nvme::{SglDescriptor, Sqe, FLAGS_PSDT_SGL};
+    let len = nlb * bs;
+    let mut sqe = Sqe::default();
+    sqe.set_opcode(opcode)
+        .set_flags(FLAGS_PSDT_SGL)
+        .set_cid(cid)
+        .set_nsid(1)
+        .set_rw(slba, nlb)
+        .set_sgl(if in_capsule {
+            SglDescriptor::in_capsule(0, len)
+        } else {
+            SglDescriptor::transport(len)
+        });
+    sqe
+}
+
 /// Blocks per `bdev_read` / `bdev_write` call (the RPC takes up to 256).
 pub const RPC_BLOCKS: usize = 64;
 
